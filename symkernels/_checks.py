@@ -1,0 +1,73 @@
+"""Argument checks shared by the functional API and the modules: clear errors naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(tensor: torch.Tensor, name: str) -> None:
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_tau(tau: object) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau}")
+    return float(tau)
+
+
+def check_square_stack(tensor: torch.Tensor, name: str, *, min_dim: int = 2) -> None:
+    """``[..., n, n]`` with at least ``min_dim`` dimensions."""
+    if tensor.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions [..., n, n], got shape {tuple(tensor.shape)}"
+        )
+    if tensor.shape[-1] != tensor.shape[-2]:
+        raise ValueError(f"{name} must be square in its last two dimensions, got shape {tuple(tensor.shape)}")
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """Raise on NaN/Inf. Reads one flag from the device (a host sync); callers may opt out."""
+    if torch.compiler.is_compiling():
+        return  # a data-dependent branch cannot be traced; compiled callers opt out implicitly
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{name} contains NaN or Inf; pass check_finite=False to skip this check "
+            "(the output is then NaN wherever the input is not finite)"
+        )
+
+
+def check_same_device(named: dict[str, torch.Tensor | None]) -> torch.device:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{name} is on {device} but {first_name} is on {first}; put them on one device")
+    return first
+
+
+def check_same_dtype(named: dict[str, torch.Tensor | None]) -> torch.dtype:
+    dtypes = {name: t.dtype for name, t in named.items() if t is not None}
+    first_name, first = next(iter(dtypes.items()))
+    for name, dtype in dtypes.items():
+        if dtype != first:
+            raise TypeError(f"{name} has dtype {dtype} but {first_name} has {first}; cast them to one dtype")
+    return first

@@ -1,0 +1,38 @@
+"""What every model shares: finding its weight-sharing layers, summing their regularisers, counting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from symkernels.nn.conv import _WeightSharingConv2d
+
+
+def weight_sharing_layers(model: nn.Module) -> Iterator[tuple[str, _WeightSharingConv2d]]:
+    """``(name, layer)`` for every weight-sharing convolution in ``model``, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, _WeightSharingConv2d):
+            yield name, module
+
+
+def sum_regularizers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm, entropy)`` summed over the weight-sharing layers (zeros when there are none)."""
+    norm = entropy = torch.zeros(())
+    for _, layer in weight_sharing_layers(model):
+        layer_norm, layer_entropy = layer.regularizers()
+        norm = norm.to(layer_norm) + layer_norm
+        entropy = entropy.to(layer_entropy) + layer_entropy
+    return norm, entropy
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """``{"free": ..., "logits": ...}``: representation logits counted apart from every other parameter."""
+    logits = sum(
+        layer.reps.logits.numel()
+        for _, layer in weight_sharing_layers(model)
+        if isinstance(getattr(layer.reps, "logits", None), nn.Parameter)
+    )
+    total = sum(p.numel() for p in model.parameters())
+    return {"free": total - logits, "logits": logits}

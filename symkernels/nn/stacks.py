@@ -1,0 +1,72 @@
+"""Representation stacks: learned (Sinkhorn of logits) or fixed (exact permutations)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from symkernels import functional
+from symkernels._checks import check_floating, check_positive_int, check_square_stack, check_tau, check_tensor
+
+
+class DoublyStochasticStack(nn.Module):
+    """``group_size`` learned soft permutations of size ``dim × dim`` (method.md §3).
+
+    With ``fix_identity`` the first element is the exact identity (a buffer) and only ``group_size − 1``
+    logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack.
+    """
+
+    def __init__(
+        self,
+        group_size: int,
+        dim: int,
+        n_iter: int = 20,
+        tau: float = 1.0,
+        fix_identity: bool = True,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.group_size = check_positive_int(group_size, "group_size")
+        self.dim = check_positive_int(dim, "dim")
+        self.n_iter = check_positive_int(n_iter, "n_iter")
+        self.tau = check_tau(tau)
+        self.fix_identity = bool(fix_identity)
+        self.check_finite = bool(check_finite)
+        learned = group_size - 1 if fix_identity else group_size
+        self.logits = nn.Parameter(torch.rand(learned, dim, dim))
+
+    def forward(self) -> torch.Tensor:
+        return functional.representation_stack(
+            self.logits,
+            self.n_iter,
+            self.tau,
+            fix_identity=self.fix_identity,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"group_size={self.group_size}, dim={self.dim}, n_iter={self.n_iter}, tau={self.tau}, "
+            f"fix_identity={self.fix_identity}"
+        )
+
+
+class FixedStack(nn.Module):
+    """A fixed ``[G, d, d]`` stack (e.g. exact permutations: a G-CNN layer); no parameters."""
+
+    def __init__(self, matrices: torch.Tensor) -> None:
+        super().__init__()
+        matrices = check_tensor(matrices, "matrices")
+        check_floating(matrices, "matrices")
+        if matrices.dim() != 3:
+            raise ValueError(f"matrices must have shape [G, d, d], got {tuple(matrices.shape)}")
+        check_square_stack(matrices, "matrices")
+        self.group_size, self.dim = matrices.shape[0], matrices.shape[-1]
+        self.register_buffer("matrices", matrices.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.matrices
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, dim={self.dim}"

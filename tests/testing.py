@@ -1,0 +1,35 @@
+"""Shared test matrix: dtypes, tolerances and input factories."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# Tolerances for comparing two computations of the same math in the same dtype.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 1e-2},
+}
+
+
+def make_logits(
+    *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """Gaussian logits ``scale·N(0, 1)`` from a private generator (reproducible, never all zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def random_permutation_matrix(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.eye(n, dtype=dtype)[torch.randperm(n, generator=generator)]
+
+
+def non_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values, laid out transposed in memory (a non-contiguous view)."""
+    view = tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not view.is_contiguous() or tensor.shape[-1] == 1
+    return view
