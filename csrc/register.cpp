@@ -13,6 +13,20 @@
 TORCH_LIBRARY(symkernels, m) {
   // p: [..., n, n] float32/float64 -> [...]: max over rows and columns of |sum - 1| for each matrix.
   m.def("marginal_error(Tensor p) -> Tensor");
+
+  // logits: [B, n, n] float32/float64, contiguous. Returns (P [B, n, n], row_log_scalings [B, T, n],
+  // col_log_scalings [B, T, n]): T log-domain Sinkhorn iterations (rows, then columns) of L0 = logits / tau,
+  // with f_t / g_t the row / column log-scalings after iteration t, so that P = exp(L0 + f_T 1' + 1 g_T').
+  m.def("sinkhorn_forward(Tensor logits, int n_iter, float tau) -> (Tensor, Tensor, Tensor)");
+  // The exact vector-Jacobian product of the T-step map, replayed from the saved log-scalings: grad_logits.
+  m.def(
+      "sinkhorn_backward(Tensor grad_p, Tensor logits, Tensor row_log_scalings, Tensor col_log_scalings, "
+      "float tau) -> Tensor");
+
+  // reps [G, d, d], weight [O, I, d] -> kernel [O, G, I, d]: kernel[o, g, i, :] = reps[g] @ weight[o, i, :].
+  m.def("expand_kernel_forward(Tensor reps, Tensor weight) -> Tensor");
+  // grad_kernel [O, G, I, d] -> (grad_reps [G, d, d], grad_weight [O, I, d]), deterministic reductions.
+  m.def("expand_kernel_backward(Tensor grad_kernel, Tensor reps, Tensor weight) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUILD_INFO_FILE", "NativeStatus", "library", "native_status", "read_build_info"]
+__all__ = ["BUILD_INFO_FILE", "NativeStatus", "has_ops", "library", "native_status", "read_build_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +124,8 @@ def native_status() -> NativeStatus:
 def library() -> ModuleType | None:
     """The loaded ``symkernels._C`` module, or None when it is unavailable (see :func:`native_status`)."""
     return _loaded()[0]
+
+
+def has_ops(names: tuple[str, ...]) -> bool:
+    """Whether the loaded library defines every ``torch.ops.symkernels.<name>`` (an older build may not)."""
+    return library() is not None and all(hasattr(torch.ops.symkernels, name) for name in names)

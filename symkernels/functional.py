@@ -16,17 +16,22 @@ from symkernels._checks import (
     check_tau,
     check_tensor,
 )
+from symkernels.ops.sinkhorn import attach_fixed_point_gradient
 
 __all__ = ["expand_kernel", "permuted_conv2d", "representation_stack", "sinkhorn"]
 
+BACKWARD_MODES = ("unrolled", "implicit")
 
-def _check_logits(logits: object, n_iter: object, tau: object, check_finite_values: bool) -> float:
+
+def _check_logits(logits: object, n_iter: object, tau: object, backward: object, finite: bool) -> float:
     logits = check_tensor(logits, "logits")
     check_floating(logits, "logits")
     check_square_stack(logits, "logits")
     check_positive_int(n_iter, "n_iter")
     tau = check_tau(tau)
-    if check_finite_values:
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    if finite:
         check_finite(logits, "logits")
     return tau
 
@@ -37,15 +42,26 @@ def sinkhorn(
     tau: float = 1.0,
     *,
     backend: str | None = None,
+    backward: str = "unrolled",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Doubly stochastic matrices from ``[..., n, n]`` logits (log domain, rows then columns per iteration).
 
-    Returns the input dtype; computes in float32 at least (float64 stays float64). ``check_finite=False``
-    skips the NaN/Inf test, which reads a flag from the device (a host sync) on every call.
+    Returns the input dtype; computes in float32 at least (float64 stays float64).
+
+    ``backward="unrolled"`` (default) is the exact gradient of the ``n_iter``-step map, equal to autograd
+    through the loop. ``backward="implicit"`` differentiates the fixed point instead (the converged map); the
+    two agree only when the forward has converged, i.e. for large ``n_iter``.
+
+    ``check_finite=False`` skips the NaN/Inf test, which reads a flag from the device (a host sync) on every
+    call; the output is then NaN for matrices whose logits are not finite.
     """
-    tau = _check_logits(logits, n_iter, tau, check_finite)
+    tau = _check_logits(logits, n_iter, tau, backward, check_finite)
     impl = backends.resolve("sinkhorn", backend, logits.device, logits.dtype)
+    if backward == "implicit":
+        with torch.no_grad():
+            p = impl(logits, n_iter, tau)
+        return attach_fixed_point_gradient(logits, p, tau)
     return impl(logits, n_iter, tau)
 
 
@@ -56,12 +72,19 @@ def representation_stack(
     *,
     fix_identity: bool = True,
     backend: str | None = None,
+    backward: str = "unrolled",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """``[G', d, d]`` logits → ``[G, d, d]`` stack: Sinkhorn of the logits, the identity first if fixed."""
-    tau = _check_logits(logits, n_iter, tau, check_finite)
+    tau = _check_logits(logits, n_iter, tau, backward, check_finite)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [G, d, d], got {tuple(logits.shape)}")
+    if backward == "implicit":
+        stack = sinkhorn(logits, n_iter, tau, backend=backend, backward=backward, check_finite=False)
+        if not fix_identity:
+            return stack
+        identity = torch.eye(logits.shape[-1], dtype=stack.dtype, device=stack.device).unsqueeze(0)
+        return torch.cat([identity, stack], dim=0)
     impl = backends.resolve("representation_stack", backend, logits.device, logits.dtype)
     return impl(logits, n_iter, tau, fix_identity=fix_identity)
 

@@ -33,3 +33,14 @@ def non_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     view = tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not view.is_contiguous() or tensor.shape[-1] == 1
     return view
+
+
+def assert_as_accurate_as_reference(got: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor) -> None:
+    """The kernel's error against a float64 ground truth is at most ~2× the same-dtype reference's error
+    (plus a floor of a few dozen ulps of the result's scale: summation order differs)."""
+    truth = truth.to(torch.float64)
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    floor = 32 * torch.finfo(got.dtype).eps * max(scale, 1e-30)
+    got_error = (got.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
+    reference_error = (reference.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
+    assert got_error <= 2 * reference_error + floor, (got_error, reference_error, floor)
