@@ -16,7 +16,7 @@ from symkernels.models import WSCNN
 
 @dataclass
 class DemoConfig:
-    # Sized for well under a minute on two CPU cores: the paper's depth (lifting + 4 group-conv layers, k = 5) with
+    # Sized for under a minute on two CPU cores: the paper's depth (lifting + 4 group-conv layers, k = 5) with
     # 8 channels. The logits get a larger learning rate than the paper's 1e-2 so that the stacks visibly leave
     # their near-uniform initialisation within a few hundred steps.
     epochs: int = 30
