@@ -5,7 +5,8 @@ A backend is chosen per call, in this order of precedence:
 1. the ``backend=`` argument of a functional op,
 2. the innermost :func:`use_backend` context,
 3. the ``SYMKERNELS_BACKEND`` environment variable (read once, at import),
-4. automatically: the fastest registered backend that can serve the inputs.
+4. automatically: the fastest registered backend that can serve the inputs (a backend may serve some inputs
+   only when chosen explicitly, e.g. Triton's slow CPU interpreter).
 
 An explicitly chosen backend that cannot serve the inputs raises with the reason; it never falls back
 silently. Backends register themselves with :func:`register_backend` when their code can be loaded.
@@ -37,6 +38,8 @@ class Backend:
     unavailable_reason: str | None  # None when loaded and usable
     can_serve: ServeCheck
     ops: Mapping[str, Callable[..., torch.Tensor]]  # op name -> implementation
+    # The check of the automatic choice when it is stricter than can_serve (None: can_serve).
+    auto_can_serve: ServeCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,14 @@ def register_backend(
     can_serve: ServeCheck,
     ops: Mapping[str, Callable[..., torch.Tensor]],
     unavailable_reason: str | None = None,
+    auto_can_serve: ServeCheck | None = None,
 ) -> None:
-    """Make ``name`` selectable. ``unavailable_reason`` marks a backend that exists but cannot load here."""
-    _REGISTRY[name] = Backend(name, priority, description, unavailable_reason, can_serve, dict(ops))
+    """Make ``name`` selectable. ``unavailable_reason`` marks a backend that exists but cannot load here;
+    ``auto_can_serve``, when given, replaces ``can_serve`` for the automatic choice (inputs it refuses are
+    served only on an explicit choice)."""
+    _REGISTRY[name] = Backend(
+        name, priority, description, unavailable_reason, can_serve, dict(ops), auto_can_serve
+    )
 
 
 def known_backends() -> tuple[str, ...]:
@@ -143,15 +151,21 @@ def resolve(
         return chosen.ops[op]
     for name in known_backends():
         candidate = _REGISTRY[name]
-        if candidate.unavailable_reason is None and _serve_reason(candidate, op, device, dtype) is None:
+        if (
+            candidate.unavailable_reason is None
+            and _serve_reason(candidate, op, device, dtype, auto=True) is None
+        ):
             return candidate.ops[op]
     raise RuntimeError(f"no backend can run {op} on {device.type} {dtype} tensors")
 
 
-def _serve_reason(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def _serve_reason(
+    backend: Backend, op: str, device: torch.device, dtype: torch.dtype, *, auto: bool = False
+) -> str | None:
     if op not in backend.ops:
         return f"the {backend.name} backend has no {op} kernel"
-    return backend.can_serve(device, dtype)
+    check = backend.auto_can_serve if auto and backend.auto_can_serve is not None else backend.can_serve
+    return check(device, dtype)
 
 
 def _reference_can_serve(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -1,12 +1,12 @@
-"""The ``symkernels`` command line."""
+"""The ``symkernels`` command line: ``info``, ``train``, ``export`` and ``toy``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from symkernels.demo import DemoConfig, format_decomposition, run_demo
+Command = Callable[[argparse.Namespace], int]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -16,37 +16,208 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="versions, what was built, which backends are usable")
+    info.set_defaults(run=_info)
+
+
+# -- train ------------------------------------------------------------------------------------------------
+
+# Flags that set TrainConfig fields (dest = field name). Their default is "not given", so that a resumed run
+# can tell flags the user typed from per-dataset defaults.
+_CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
+    ("--dataset", {"choices": ("digits", "mnist", "cifar10"), "help": "data (default digits: embedded)"}),
+    ("--model", {"choices": ("wscnn", "cnn", "gcnn", "wsresnet", "resnet")}),
+    ("--epochs", {"type": int}),
+    ("--batch-size", {"type": int, "help": "global batch (split evenly over torchrun processes)"}),
+    ("--lr", {"type": float, "help": "AdamW learning rate of every parameter but the logits"}),
+    ("--logits-lr", {"type": float, "help": "AdamW learning rate of the representation logits"}),
+    ("--weight-decay", {"type": float}),
+    ("--lambda-norm", {"type": float, "help": "weight of the norm regulariser on the logits"}),
+    ("--lambda-ent", {"type": float, "help": "weight of the entropy regulariser on the stacks"}),
+    ("--n-iter", {"type": int, "help": "Sinkhorn iterations T"}),
+    ("--tau", {"type": float, "help": "Sinkhorn temperature"}),
+    ("--channels", {"type": int, "help": "hidden channels"}),
+    ("--num-layers", {"type": int, "help": "group-conv layers after the lifting layer (CNN family)"}),
+    ("--kernel-size", {"type": int}),
+    ("--group-size", {"type": int, "help": "|G|: stack size of each weight-sharing layer"}),
+    ("--padding", {"type": int, "help": "convolution padding (CNN family; the ResNets pad to 'same')"}),
+    ("--rotate", {"choices": ("none", "c4", "continuous"), "help": "random rotation of the images"}),
+    ("--rotate-range", {"type": float, "metavar": "DEG", "help": "rotate within [0, DEG] (e.g. 90, 180)"}),
+    ("--flip", {"action": argparse.BooleanOptionalAction, "help": "random horizontal flips (training)"}),
+    ("--scale", {"action": argparse.BooleanOptionalAction, "help": "random shrink in [--scale-min, 1]"}),
+    ("--scale-min", {"type": float}),
+    ("--test-noise", {"type": float, "help": "noise std added to a rotated/scaled test set"}),
+    ("--train-limit", {"type": int, "metavar": "N", "help": "use only the first N training images"}),
+    ("--test-limit", {"type": int, "metavar": "N", "help": "use only the first N test images"}),
+    ("--seed", {"type": int}),
+    ("--dtype", {"choices": ("float32", "float64"), "help": "parameter and activation dtype"}),
+)
+
+
+def _config_fields() -> list[str]:
+    return [flag[2:].replace("-", "_") for flag, _ in _CONFIG_FLAGS]
+
+
+def _defaults_epilog() -> str:
+    from symkernels.training import DATASET_DEFAULTS
+
+    lines = ["per-dataset defaults (any flag overrides them):"]
+    for dataset, values in DATASET_DEFAULTS.items():
+        lines.append(f"  {dataset}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    lines.append("other defaults: " + ", ".join(f"{k}={v}" for k, v in _shared_defaults().items()))
+    return "\n".join(lines)
+
+
+def _shared_defaults() -> dict[str, object]:
+    import dataclasses
+
+    from symkernels.training import DATASET_DEFAULTS, TrainConfig
+
+    per_dataset = {key for values in DATASET_DEFAULTS.values() for key in values} | {"dataset"}
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in per_dataset}
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a model: progress, metrics.json, checkpoints, plots in a run folder",
+        description=(
+            "Train a model and write a run folder (config.json, checkpoint.pt every epoch, metrics.json, "
+            "stacks.png, decomposition.png). SIGINT/SIGTERM stop at the last complete checkpoint; "
+            "--resume continues bit for bit. Under `torchrun --nproc_per_node N -m symkernels train ...` "
+            "the processes train data-parallel (gloo on CPU, NCCL on GPU)."
+        ),
+        epilog=_defaults_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    experiment = train.add_argument_group("experiment (stored in config.json)")
+    for flag, options in _CONFIG_FLAGS:
+        experiment.add_argument(flag, default=argparse.SUPPRESS, **options)
+    where = train.add_argument_group("run folder")
+    where.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    runtime = train.add_argument_group("execution")
+    runtime.add_argument("--backend", help="symkernels backend (default: automatic)")
+    runtime.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    runtime.add_argument("--threads", type=int, help="torch CPU threads")
+    runtime.add_argument("--data-dir", metavar="PATH", help="torchvision data folder for mnist/cifar10")
+    runtime.add_argument("--download", action="store_true", help="let torchvision download the data")
+    runtime.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.set_defaults(run=_train)
+
+
+def _runtime(args: argparse.Namespace):
+    from symkernels.training import RuntimeOptions
+
+    return RuntimeOptions(
+        backend=getattr(args, "backend", None),
+        device=args.device,
+        threads=args.threads,
+        quiet=args.quiet,
+        data_dir=getattr(args, "data_dir", None),
+        download=getattr(args, "download", False),
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from symkernels import training
+
+    given = {name: getattr(args, name) for name in _config_fields() if hasattr(args, name)}
+    try:
+        runtime = _runtime(args)
+        if args.resume is not None:
+            if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+                raise ValueError("--out and --resume name different folders; --resume continues in RUN_DIR")
+            result = training.resume(args.resume, runtime, given=given)
+        else:
+            dataset = given.pop("dataset", "digits")
+            config = training.TrainConfig.for_dataset(dataset, **given)
+            result = training.train(config, runtime, out=args.out)
+    except training.TrainingInterruptedError as stopped:
+        print(f"symkernels train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"symkernels train: error: {error}", file=sys.stderr)
+        return 2
+    if args.quiet:
+        print(f"test accuracy {result.test_accuracy:.4f}; run folder {result.run_dir}")
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------------------
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="bake a run's expanded kernels into plain nn.Conv2d layers; score soft/exported/hardened",
+        description=(
+            "Export the model of RUN_DIR with its expanded kernels in plain nn.Conv2d layers (no Sinkhorn), "
+            "save it as a torch.export program (.pt2, loadable with torch.export.load(path).module() "
+            "without symkernels), and print the test accuracy of the soft, exported and hardened models "
+            "(also written to RUN_DIR/export.json)."
+        ),
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `symkernels train`")
+    export.add_argument(
+        "--harden", action="store_true", help="save the model with each stack snapped to permutations"
+    )
+    export.add_argument(
+        "--out", metavar="FILE", help="the .pt2 file (default RUN_DIR/exported.pt2 or exported-hardened.pt2)"
+    )
+    export.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    export.add_argument("--threads", type=int, help="torch CPU threads")
+    export.add_argument("--data-dir", metavar="PATH", help="torchvision data folder for mnist/cifar10")
+    export.add_argument("--download", action="store_true", help="let torchvision download the data")
+    export.set_defaults(run=_export, quiet=True)
+
+
+def _export(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    config = DemoConfig(epochs=args.epochs, seed=args.seed, train_limit=args.train_limit)
-    print(
-        f"Training a WSCNN (lifting + {config.num_layers} group-conv layers, "
-        f"{config.hidden_channels} channels, |G| = 4) on scikit-learn's digits at 28x28,\n"
-        "each image rotated by a random multiple of 90 degrees."
-    )
-    result = run_demo(config, progress=not args.quiet)
-    print(f"test accuracy: {result.test_accuracy:.4f}  ({result.seconds:.1f} s)")
-    print("Lifting layer: each learned 25x25 matrix decomposed onto the four exact C4 rotations")
-    print("(non-negative coefficients summing to 1; a recovered group puts each row's mass on one rotation):")
-    print(format_decomposition(result))
+    from symkernels.training.exporting import export_run, format_report
+
+    previous = torch.get_num_threads()
+    try:
+        runtime = _runtime(args)
+        if runtime.threads is not None:
+            torch.set_num_threads(runtime.threads)
+        report = export_run(args.run_dir, harden=args.harden, out=args.out, runtime=runtime)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"symkernels export: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(previous)
+    print(format_report(report))
     return 0
+
+
+def _add_toy(commands: argparse._SubParsersAction) -> None:
+    from symkernels.toy import add_toy_arguments
+
+    toy = commands.add_parser(
+        "toy", help="toy symmetry discovery: one layer learns shifts, quarter turns or cube rotations"
+    )
+    add_toy_arguments(toy)
+
+
+# Each entry adds one subcommand to the parser.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_info,
+    _add_train,
+    _add_export,
+    _add_toy,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="versions, what was built, which backends are usable")
-    info.set_defaults(run=_info)
-    demo = commands.add_parser("demo", help="train a small WSCNN on rotated digits (a few minutes on a CPU)")
-    demo.add_argument("--epochs", type=int, default=DemoConfig.epochs)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    demo.add_argument("--quiet", action="store_true", help="no progress output")
-    demo.set_defaults(run=_demo)
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from symkernels.nn.conv import _WeightSharingConv2d
+from symkernels.nn.grouped import precompute_representations
 
 
 def weight_sharing_layers(model: nn.Module) -> Iterator[tuple[str, _WeightSharingConv2d]]:
@@ -18,12 +19,17 @@ def weight_sharing_layers(model: nn.Module) -> Iterator[tuple[str, _WeightSharin
 
 
 def sum_regularizers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm, entropy)`` summed over the weight-sharing layers (zeros when there are none)."""
+    """``(norm, entropy)`` summed over the weight-sharing layers (zeros when there are none).
+
+    The stacks come from one grouped computation (or from the one already active, see
+    :func:`~symkernels.nn.precompute_representations`).
+    """
     norm = entropy = torch.zeros(())
-    for _, layer in weight_sharing_layers(model):
-        layer_norm, layer_entropy = layer.regularizers()
-        norm = norm.to(layer_norm) + layer_norm
-        entropy = entropy.to(layer_entropy) + layer_entropy
+    with precompute_representations(model):
+        for _, layer in weight_sharing_layers(model):
+            layer_norm, layer_entropy = layer.regularizers()
+            norm = norm.to(layer_norm) + layer_norm
+            entropy = entropy.to(layer_entropy) + layer_entropy
     return norm, entropy
 
 

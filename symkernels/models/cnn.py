@@ -8,7 +8,7 @@ from torch import nn
 
 from symkernels.groups import rotation_permutations, shift_twist
 from symkernels.models.accounting import sum_regularizers
-from symkernels.nn import FixedStack, WSConv2d, WSLiftConv2d, sample_layer_norm
+from symkernels.nn import FixedStack, WSConv2d, WSLiftConv2d, precompute_representations, sample_layer_norm
 
 
 class WSCNN(nn.Module):
@@ -39,9 +39,11 @@ class WSCNN(nn.Module):
         self.head = nn.Linear(hidden_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(sample_layer_norm(self.lift(x)))
-        for conv in self.convs:
-            x = F.relu(sample_layer_norm(conv(x)))
+        # Every layer's stack from one grouped Sinkhorn (reused as is inside an enclosing context).
+        with precompute_representations(self):
+            x = F.relu(sample_layer_norm(self.lift(x)))
+            for conv in self.convs:
+                x = F.relu(sample_layer_norm(conv(x)))
         return self.head(x.mean(dim=(2, 3, 4)))
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:

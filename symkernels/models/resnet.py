@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from symkernels.models.accounting import sum_regularizers
-from symkernels.nn import WSConv2d, WSLiftConv2d, channel_layer_norm
+from symkernels.nn import WSConv2d, WSLiftConv2d, channel_layer_norm, precompute_representations
 
 ConvFactory = Callable[[int, int], nn.Module]
 
@@ -74,9 +74,11 @@ class _ResNetLayout(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem_norm(self.stem(x)))
-        for block, norm in zip(self.blocks, self.block_norms, strict=True):
-            x = F.relu(_spatial_max_pool(norm(block(x)), 2))
+        # Every layer's stack from one grouped Sinkhorn (reused as is inside an enclosing context).
+        with precompute_representations(self):
+            x = F.relu(self.stem_norm(self.stem(x)))
+            for block, norm in zip(self.blocks, self.block_norms, strict=True):
+                x = F.relu(_spatial_max_pool(norm(block(x)), 2))
         return self.head(x.flatten(2).mean(dim=2))
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:

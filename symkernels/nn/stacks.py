@@ -16,6 +16,9 @@ class DoublyStochasticStack(nn.Module):
     logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack.
     """
 
+    # Set while symkernels.nn.precompute_representations is active: this stack, computed with the others.
+    _precomputed: torch.Tensor | None = None
+
     def __init__(
         self,
         group_size: int,
@@ -37,6 +40,8 @@ class DoublyStochasticStack(nn.Module):
         self.logits = nn.Parameter(torch.rand(learned, dim, dim))
 
     def forward(self) -> torch.Tensor:
+        if self._precomputed is not None:
+            return self._precomputed
         return functional.representation_stack(
             self.logits,
             self.n_iter,

@@ -5,6 +5,7 @@ and autograd formulas from here. The native CPU kernels are registered as the ``
 
 import torch
 
+import symkernels.ops.triton_backend  # noqa: F401  (registers the "triton" backend)
 from symkernels import _native, backends
 from symkernels.ops import expansion, marginal_error, representation, sinkhorn
 

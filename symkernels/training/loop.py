@@ -1,0 +1,440 @@
+"""The training loop: epochs of AdamW steps on transformed batches, evaluation, checkpoints, final report.
+
+Reproducibility: the model is initialised from the run seed, data order and augmentation come from their own
+generators (:mod:`symkernels.training.rng`), and every state that a step reads is in the checkpoint written
+after each epoch. On one machine with the same thread count and backend, a run that stopped after epoch ``e``
+and was resumed reproduces the uninterrupted run bit for bit (parameters, optimiser state, metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from symkernels import backends
+from symkernels.models import parameter_counts
+from symkernels.nn import precompute_representations
+from symkernels.training import distributed, report
+from symkernels.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from symkernels.training.config import RuntimeOptions, TrainConfig
+from symkernels.training.datasets import TrainData, prepare_data
+from symkernels.training.distributed import DistEnv
+from symkernels.training.factory import build_model, build_optimizer
+from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
+from symkernels.training.rng import (
+    DataStreams,
+    derive_seed,
+    global_state,
+    preserved_global_state,
+    set_global_state,
+)
+from symkernels.training.runs import RunPlan, default_run_dir, plan_new_or_matching, plan_resume
+
+# Per-epoch metrics that measure the machine, not the run: left out when comparing runs.
+TIMING_KEYS = ("seconds_per_step", "epoch_seconds")
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` and :func:`resume` return."""
+
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module  # the trained model (unwrapped from DDP), in train mode
+    history: list[dict[str, Any]]
+    test_accuracy: float
+    metrics: dict[str, Any]  # the content of metrics.json
+
+
+def train(
+    config: TrainConfig, runtime: RuntimeOptions | None = None, *, out: str | Path | None = None
+) -> TrainResult:
+    """Train ``config`` into ``out`` (default ``runs/<timestamp>``); the caller's global RNG states are kept.
+
+    ``out`` may be missing or empty (a new run) or hold a run of the same config (continued from its
+    checkpoint); anything else is refused without writing. Under ``torchrun`` the processes train together.
+    """
+    runtime = runtime or RuntimeOptions()
+    with _session(runtime) as (env, device):
+        target = Path(out) if out is not None else distributed.broadcast_object(default_run_dir(), env)
+        plan = plan_new_or_matching(target, config)
+        return _run(plan, runtime, env, device)
+
+
+def resume(
+    run_dir: str | Path, runtime: RuntimeOptions | None = None, *, given: dict[str, Any] | None = None
+) -> TrainResult:
+    """Continue the run in ``run_dir`` from its checkpoint to its ``epochs``.
+
+    ``given`` are config fields the caller set explicitly: a value that differs from the stored config is an
+    error, except ``epochs``, which may grow to extend a run.
+    """
+    runtime = runtime or RuntimeOptions()
+    with _session(runtime) as (env, device):
+        plan = plan_resume(run_dir, dict(given or {}))
+        return _run(plan, runtime, env, device)
+
+
+def torch_device(name: str, env: DistEnv | None = None) -> torch.device:
+    """``"auto"``: CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", env.local_rank if env is not None else torch.cuda.current_device())
+    return device
+
+
+def backend_in_use(
+    op: str, choice: str | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> str | None:
+    """The name of the backend that runs ``op`` for ``choice`` (``None``: automatic); ``None`` if none can."""
+    try:
+        impl = backends.resolve(op, choice, device, dtype)
+    except RuntimeError:
+        return None
+    for name in backends.known_backends():
+        try:
+            if backends.resolve(op, name, device, dtype) is impl:
+                return name
+        except RuntimeError:
+            continue
+    return None
+
+
+def backends_in_use(choice: str | None, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+    """Which backend runs each op a training step uses. The stacks go through ``grouped_sinkhorn`` when a
+    backend has it, else through one ``sinkhorn`` call per layer (:func:`precompute_representations`)."""
+    names = {op: backend_in_use(op, choice, device, dtype) for op in ("grouped_sinkhorn", "sinkhorn")}
+    names["expand_kernel"] = backend_in_use("expand_kernel", choice, device, dtype)
+    return names
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    env: DistEnv | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` of ``model`` in eval mode; under DDP each process scores a part and
+    the sums are combined."""
+    env = env or DistEnv()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    part = distributed.even_range(len(labels), env)
+    images, labels = images[part], labels[part]
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        # The stacks do not depend on the input: compute them once for the whole test set.
+        with torch.no_grad(), precompute_representations(model):
+            for start in range(0, len(labels), batch_size):
+                x = images[start : start + batch_size].to(device, dtype)
+                y = labels[start : start + batch_size].to(device)
+                logits = model(x)
+                loss += F.cross_entropy(logits, y, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == y).sum()
+    finally:
+        model.train(was_training)
+    loss_sum, correct_sum, count = distributed.sum_across(
+        [loss.item(), float(correct.item()), float(len(labels))], env, device
+    )
+    if count == 0:
+        raise ValueError("the test set is empty")
+    return loss_sum / count, correct_sum / count
+
+
+@contextlib.contextmanager
+def _session(runtime: RuntimeOptions) -> Iterator[tuple[DistEnv, torch.device]]:
+    """Threads, process group and device for one run; the process group is closed afterwards."""
+    previous_threads = torch.get_num_threads()
+    if runtime.threads is not None:
+        torch.set_num_threads(runtime.threads)
+    # A first guess of the device type picks gloo or NCCL; the local rank then fixes the CUDA index.
+    env = distributed.init_from_env(torch_device(runtime.device))
+    try:
+        device = torch_device(runtime.device, env)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backends.resolve("sinkhorn", runtime.backend, device, torch.float32)  # fail early: unknown / unusable
+        yield env, device
+    finally:
+        distributed.shutdown(env)
+        if runtime.threads is not None:
+            torch.set_num_threads(previous_threads)
+
+
+class _Trainer:
+    """One run's state between epochs."""
+
+    def __init__(self, plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.device) -> None:
+        self.plan, self.runtime, self.env, self.device = plan, runtime, env, device
+        self.config = config = plan.config
+        self.paths = plan.paths
+        self.data: TrainData = prepare_data(config, runtime)
+        n = len(self.data.train_labels)
+        if n < config.batch_size:
+            raise ValueError(
+                f"batch_size={config.batch_size} exceeds the {n} training images; the last incomplete "
+                "batch of each epoch is dropped, so an epoch would have no step"
+            )
+        self.shard = distributed.shard(config.batch_size, env)
+        self.steps = n // config.batch_size
+        self.model = build_model(config, self.data.in_channels, self.data.num_classes).to(device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.streams = DataStreams.from_seed(config.seed)
+        torch.manual_seed(derive_seed(config.seed, f"global:{env.rank}"))  # dropout, per process
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+        if plan.resume:
+            self._restore(load_checkpoint(self.paths.checkpoint))
+        self.net: nn.Module = self.model
+        if env.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.backends = backends_in_use(runtime.backend, device, config.torch_dtype)
+        self.backend = self.backends["grouped_sinkhorn"] or self.backends["sinkhorn"] or "none"
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.streams.load_state_dict(checkpoint["rng"]["data"])
+        states = checkpoint["rng"]["global"]
+        set_global_state(states[self.env.rank] if len(states) == self.env.world_size else states[0])
+        self.history = list(checkpoint["history"])
+        self.epoch = int(checkpoint["epoch"])
+
+    # -- one epoch -------------------------------------------------------------------------------------
+
+    def train_epoch(self, stop: StopRequest) -> dict[str, Any]:
+        config, data, device = self.config, self.data, self.device
+        epoch = self.epoch + 1
+        order = torch.randperm(len(data.train_labels), generator=self.streams.order)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # CE·n, correct, norm, entropy
+        seen = 0
+        show = not self.runtime.quiet and self.env.is_main
+        bar = tqdm(total=self.steps, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
+        start = time.perf_counter()
+        with bar:
+            for step in range(self.steps):
+                index = order[step * config.batch_size : (step + 1) * config.batch_size]
+                params = data.augmentation.sample(config.batch_size, self.streams.augment)
+                index, params = index[self.shard], params.select(self.shard)
+                x = data.augmentation.apply(data.train_images[index], params).to(device, config.torch_dtype)
+                y = data.train_labels[index].to(device)
+                # Every stack of the model in one grouped Sinkhorn call, shared by forward and regularisers.
+                with precompute_representations(self.model):
+                    logits = self.net(x)
+                    loss = F.cross_entropy(logits, y)
+                    norm, entropy = self.model.regularizers()
+                objective = loss + config.lambda_norm * norm + config.lambda_ent * entropy
+                self.optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                self.optimizer.step()
+                with torch.no_grad():
+                    correct = (logits.argmax(dim=1) == y).sum()
+                    # Models without weight-sharing layers return CPU zeros for the regularisers.
+                    values = (loss * len(y), correct, norm, entropy)
+                    sums += torch.stack([v.detach().to(device, torch.float64) for v in values])
+                seen += len(y)
+                if show:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / len(y):.3f}")
+                    bar.update()
+                if distributed.any_across(stop.requested, self.env, device):
+                    raise self._interrupted(stop)
+        seconds = time.perf_counter() - start
+        loss_sum, correct_sum, norm_sum, entropy_sum = sums.tolist()
+        loss_sum, correct_sum, count = distributed.sum_across(
+            [loss_sum, correct_sum, float(seen)], self.env, device
+        )
+        test_loss, test_accuracy = evaluate(
+            self.model, data.test_images, data.test_labels, device=device, env=self.env
+        )
+        return {
+            "epoch": epoch,
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct_sum / count,
+            "norm": norm_sum / self.steps,
+            "entropy": entropy_sum / self.steps,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "steps": self.steps,
+            "seconds_per_step": seconds / self.steps,
+            "epoch_seconds": seconds,
+        }
+
+    def _interrupted(self, stop: StopRequest) -> TrainingInterruptedError:
+        import signal
+
+        return TrainingInterruptedError(str(self.paths.root), self.epoch, stop.signum or int(signal.SIGTERM))
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint and metrics after a complete epoch (collective: every process takes part)."""
+        states = distributed.gather_objects(global_state(), self.env)
+        if self.env.is_main:
+            save_checkpoint(
+                self.paths.checkpoint,
+                epoch=self.epoch,
+                config=self.config.to_dict(),
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                rng={"data": self.streams.state_dict(), "global": states},
+                history=self.history,
+                extra={"world_size": self.env.world_size},
+            )
+            self.write_metrics(complete=False)
+        distributed.barrier(self.env)
+
+    def metrics(
+        self,
+        *,
+        complete: bool,
+        decomposition: dict[str, Any] | None = None,
+        recovery: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        import symkernels
+
+        last = self.history[-1] if self.history else None
+        return {
+            "config": self.config.to_dict(),
+            "backend": self.backend,  # the one computing the representation stacks
+            "backends": self.backends,
+            "device": str(self.device),
+            "world_size": self.env.world_size,
+            "threads": torch.get_num_threads(),
+            "versions": {
+                "symkernels": symkernels.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "parameters": parameter_counts(self.model),
+            "complete": complete,
+            "epochs_completed": self.epoch,
+            "epochs": self.history,
+            "seconds_per_step": _mean([e["seconds_per_step"] for e in self.history]),
+            "test_accuracy": last["test_accuracy"] if last and complete else None,
+            "decomposition": decomposition if decomposition is not None else {},
+            "recovery": recovery if recovery is not None else {},  # per layer: assigned elements, verdict
+        }
+
+    def write_metrics(self, *, complete: bool, decomposition: dict[str, Any] | None = None) -> dict[str, Any]:
+        metrics = self.metrics(complete=complete, decomposition=decomposition)
+        atomic_write_text(self.paths.metrics, _json(metrics))
+        return metrics
+
+    def finish(self) -> dict[str, Any]:
+        """Final metrics (test accuracy, decomposition) and figures; rank 0 writes them."""
+        stacks = report.learned_stacks(self.model)
+        bases = report.layer_bases(self.model, flip=self.config.flip)
+        decomposition = report.decomposition(stacks, bases)
+        metrics = self.metrics(
+            complete=True,
+            decomposition=decomposition,
+            recovery={name: report.recovery(entry) for name, entry in decomposition.items()},
+        )
+        if self.env.is_main:
+            report.save_figures(
+                stacks, bases, decomposition, self.paths.stacks_plot, self.paths.decomposition_plot
+            )
+            atomic_write_text(self.paths.metrics, _json(metrics))
+        distributed.barrier(self.env)
+        return metrics
+
+
+def _run(plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.device) -> TrainResult:
+    config = plan.config
+    choice = backends.use_backend(runtime.backend) if runtime.backend else contextlib.nullcontext()
+    with StopRequest() as stop, choice, preserved_global_state():
+        trainer = _Trainer(plan, runtime, env, device)  # loads and checks everything before writing
+        distributed.barrier(env)
+        if env.is_main:
+            plan.paths.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(plan.paths.config, config.to_json())
+        distributed.barrier(env)
+        _say(runtime, env, _banner(trainer))
+        while trainer.epoch < config.epochs:
+            if distributed.any_across(stop.requested, env, device):
+                raise trainer._interrupted(stop)
+            record = trainer.train_epoch(stop)
+            trainer.history.append(record)
+            trainer.epoch = record["epoch"]
+            trainer.save()
+            _say(runtime, env, _epoch_line(record, config.epochs))
+            if distributed.any_across(stop.requested, env, device):
+                raise trainer._interrupted(stop)
+        metrics = trainer.finish()
+    if "lift" in metrics["decomposition"]:
+        _say(runtime, env, report.format_decomposition("lift", metrics["decomposition"]["lift"]))
+    _say(runtime, env, f"test accuracy {metrics['test_accuracy']:.4f}; run folder {plan.paths.root}")
+    return TrainResult(
+        plan.paths.root, config, trainer.model, trainer.history, metrics["test_accuracy"], metrics
+    )
+
+
+def _banner(trainer: _Trainer) -> str:
+    c = trainer.config
+    action = f"resuming after epoch {trainer.epoch}" if trainer.plan.resume else "new run"
+    return (
+        f"{action} in {trainer.paths.root}: {c.model} on {c.dataset} "
+        f"({len(trainer.data.train_labels)} train, {len(trainer.data.test_labels)} test images, "
+        f"rotate={c.rotate}), {c.epochs} epochs of {trainer.steps} steps, backend {trainer.backend}, "
+        f"{trainer.device}, {trainer.env.world_size} process(es)"
+    )
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}/{epochs}  "
+        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
+        f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  norm {record['norm']:.4f}  "
+        f"entropy {record['entropy']:.2f}  ({1000 * record['seconds_per_step']:.1f} ms/step)"
+    )
+
+
+def _say(runtime: RuntimeOptions, env: DistEnv, line: str) -> None:
+    if not runtime.quiet and env.is_main:
+        tqdm.write(line)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _json(value: Any) -> str:
+    import json
+
+    def finite(x: Any) -> Any:  # JSON has no NaN/Inf: write them as null
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(value), indent=2) + "\n"

@@ -1,0 +1,212 @@
+"""Grouped Sinkhorn of a model's stacks: one computation per training step, reused by the layers' forward and
+the regularisers, equal (values and gradients) to the per-layer path on every backend."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import symkernels
+from symkernels import functional
+from symkernels.models import CNN, GCNN, WSCNN, WSResNet, sum_regularizers
+from symkernels.models import accounting as accounting_module
+from symkernels.models import cnn as cnn_module
+from symkernels.models import resnet as resnet_module
+from symkernels.nn import DoublyStochasticStack, grouped_sinkhorn, precompute_representations
+from symkernels.nn import grouped as grouped_module
+from symkernels.reference import sinkhorn_reference
+from tests.testing import make_logits
+
+
+def triton_on_cpu() -> bool:
+    """Whether the triton backend serves CPU tensors in this process (Triton's interpreter)."""
+    if not symkernels.backend_status()["triton"].usable:
+        return False
+    from symkernels.ops import triton_sinkhorn
+
+    return triton_sinkhorn.INTERPRETED
+
+
+BACKENDS = [
+    "reference",
+    "cpu",
+    pytest.param(
+        "triton",
+        marks=[pytest.mark.triton, pytest.mark.skipif(not triton_on_cpu(), reason="no Triton interpreter")],
+    ),
+]
+
+
+def counted(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` by a wrapper that records each call; returns the record."""
+    calls = []
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_sinkhorn_matches_each_stack(backend):
+    stacks = [make_logits(g, n, n, scale=2.0, seed=n).requires_grad_() for g, n in ((3, 3), (2, 5), (1, 9))]
+    outputs = grouped_sinkhorn(stacks, 4, 0.8, backend=backend)
+    weights = [make_logits(*s.shape, seed=30 + i) for i, s in enumerate(stacks)]
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)), stacks)
+    for stack, out, weight, grad in zip(stacks, outputs, weights, grads, strict=True):
+        x = stack.detach().double().requires_grad_()
+        expected = sinkhorn_reference(x, 4, 0.8)
+        (expected_grad,) = torch.autograd.grad((expected * weight.double()).sum(), x)
+        assert out.shape == stack.shape and out.dtype == stack.dtype
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_sinkhorn_is_one_kernel_call_on_triton_and_a_loop_elsewhere(monkeypatch):
+    stacks = [make_logits(2, n, n, seed=n) for n in (3, 4, 6)]
+    loop = counted(monkeypatch, functional, "sinkhorn")
+    grouped_sinkhorn(stacks, 3, backend="reference")
+    assert len(loop) == 3
+    if triton_on_cpu():
+        from symkernels.ops import triton_sinkhorn
+
+        launches = counted(monkeypatch, triton_sinkhorn, "_fused_forward_op")
+        loop.clear()
+        grouped_sinkhorn(stacks, 3, backend="triton")
+        assert len(launches) == 1 and not loop
+
+
+def test_grouped_sinkhorn_checks_its_input():
+    good = torch.rand(2, 3, 3)
+    with pytest.raises(TypeError, match="stacks must be a sequence"):
+        grouped_sinkhorn(good)
+    with pytest.raises(ValueError, match=r"stacks\[1\] must have shape \[G, n, n\]"):
+        grouped_sinkhorn([good, torch.rand(3, 3)])
+    with pytest.raises(ValueError, match=r"stacks\[1\] is torch.float64"):
+        grouped_sinkhorn([good, good.double()])
+    with pytest.raises(TypeError, match=r"stacks\[0\] must have a floating dtype"):
+        grouped_sinkhorn([torch.ones(1, 2, 2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="n_iter must be >= 1"):
+        grouped_sinkhorn([good], 0)
+    bad = good.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"stacks\[1\] contains NaN"):
+        grouped_sinkhorn([good, bad])
+    assert bool(torch.isnan(grouped_sinkhorn([bad], check_finite=False)[0][1]).all())
+    assert grouped_sinkhorn([]) == []
+
+
+def small_wscnn() -> WSCNN:
+    torch.manual_seed(0)
+    return WSCNN(hidden_channels=2, kernel_size=3, num_layers=2, n_iter=4)
+
+
+def training_step(model, x, y, *contexts) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss (task + both regularisers) and the gradient of every parameter."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        norm, entropy = model.regularizers()
+        loss = F.cross_entropy(model(x), y) + 0.1 * norm + 0.01 * entropy
+    return loss, list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize(
+    "model_factory",
+    [small_wscnn, lambda: WSResNet(hidden_channels=2, kernel_size=3, n_iter=4, dropout=0.0)],
+    ids=["WSCNN", "WSResNet"],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precomputed_step_equals_the_per_layer_step(model_factory, backend, monkeypatch):
+    torch.manual_seed(1)
+    model = model_factory()
+    size = 11 if isinstance(model, WSCNN) else 8
+    x = torch.randn(2, model.lift.in_channels if isinstance(model, WSCNN) else 3, size, size)
+    y = torch.tensor([1, 7])
+    # The models group their stacks themselves; switch that off for the per-layer step.
+    for module in (cnn_module, resnet_module, accounting_module):
+        monkeypatch.setattr(module, "precompute_representations", lambda model: contextlib.nullcontext())
+    expected_loss, expected_grads = training_step(model, x, y, symkernels.use_backend(backend))
+    monkeypatch.undo()
+    loss, grads = training_step(
+        model, x, y, symkernels.use_backend(backend), precompute_representations(model)
+    )
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_one_grouped_call_per_step_and_none_per_layer(monkeypatch):
+    model = small_wscnn()
+    x, y = torch.randn(2, 1, 11, 11), torch.tensor([0, 3])
+    grouped = counted(monkeypatch, grouped_module, "grouped_sinkhorn")
+    per_layer = counted(monkeypatch, functional, "representation_stack")
+    with precompute_representations(model) as stacks:
+        assert set(stacks) == {"lift.reps", "convs.0.reps", "convs.1.reps"}
+        assert len(grouped) == 1 and [s.shape[-1] for s in grouped[0][0]] == [9, 36, 36]
+        model(x)
+        model.regularizers()  # nested: reuses the stacks computed above
+    assert len(grouped) == 1 and not per_layer
+    for name, module in model.named_modules():
+        if isinstance(module, DoublyStochasticStack):
+            assert module._precomputed is None, name
+    model(x)  # on its own, the model's forward groups its stacks too
+    assert len(grouped) == 2 and not per_layer
+    model.regularizers()  # on its own: one grouped computation
+    assert len(grouped) == 3 and not per_layer
+    training_step(model, x, y, precompute_representations(model))
+    assert len(grouped) == 4 and not per_layer
+    model.lift(x)  # a layer called outside any context computes its own stack
+    assert len(per_layer) == 1
+
+
+def test_stacks_with_different_settings_are_grouped_apart(monkeypatch):
+    model = small_wscnn()
+    model.convs[1].reps.n_iter = 6
+    grouped = counted(monkeypatch, grouped_module, "grouped_sinkhorn")
+    with precompute_representations(model) as stacks:
+        pass
+    assert sorted(len(call[0]) for call in grouped) == [1, 2]
+    for name, module in model.named_modules():
+        if isinstance(module, DoublyStochasticStack):
+            expected = functional.representation_stack(module.logits, module.n_iter, module.tau)
+            torch.testing.assert_close(stacks[name], expected)
+
+
+def test_contexts_nest_and_restore_on_errors():
+    model = small_wscnn()
+    with precompute_representations(model) as outer:
+        with precompute_representations(model) as inner:
+            assert all(inner[name] is outer[name] for name in outer)
+        assert model.lift.reps() is outer["lift.reps"]
+    assert model.lift.reps._precomputed is None
+    with pytest.raises(RuntimeError, match="boom"), precompute_representations(model):
+        raise RuntimeError("boom")
+    assert model.lift.reps._precomputed is None
+    model.lift.reps.logits.data[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"), precompute_representations(model):
+        pass
+    assert all(m._precomputed is None for m in model.modules() if isinstance(m, DoublyStochasticStack))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"), precompute_representations([]):
+        pass
+
+
+@pytest.mark.parametrize("model_cls", [GCNN, CNN])
+def test_models_without_learned_stacks(model_cls):
+    """Fixed stacks (G-CNN) and plain convolutions (CNN): nothing to precompute, results unchanged."""
+    torch.manual_seed(2)
+    model = model_cls(hidden_channels=4, kernel_size=3, num_layers=1)
+    x = torch.randn(2, 1, 9, 9)
+    expected = model(x)
+    with precompute_representations(model) as stacks:
+        assert stacks == {}
+        torch.testing.assert_close(model(x), expected)
+        norm, entropy = sum_regularizers(model)
+    expected_norm, expected_entropy = sum_regularizers(model)
+    torch.testing.assert_close((norm, entropy), (expected_norm, expected_entropy))
