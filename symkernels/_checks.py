@@ -71,3 +71,25 @@ def check_same_dtype(named: dict[str, torch.Tensor | None]) -> torch.dtype:
         if dtype != first:
             raise TypeError(f"{name} has dtype {dtype} but {first_name} has {first}; cast them to one dtype")
     return first
+
+
+def check_expansion(reps: object, weight: object, kernel_size: object) -> tuple[int, int]:
+    """Validate reps ``[G, d, d]``, weight ``[C_out, C_in, d]``; returns ``(d, G_in)``."""
+    reps = check_tensor(reps, "reps")
+    weight = check_tensor(weight, "weight")
+    k = check_positive_int(kernel_size, "kernel_size")
+    check_floating(reps, "reps")
+    check_floating(weight, "weight")
+    if reps.dim() != 3:
+        raise ValueError(f"reps must have shape [G, d, d], got {tuple(reps.shape)}")
+    check_square_stack(reps, "reps")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must have shape [C_out, C_in, d], got {tuple(weight.shape)}")
+    d = reps.shape[-1]
+    if weight.shape[-1] != d:
+        raise ValueError(f"weight's last dimension ({weight.shape[-1]}) must equal the reps' size d = {d}")
+    if d % (k * k) != 0:
+        raise ValueError(f"kernel_size={k}: k² = {k * k} must divide d = {d} (d = G_in·k²)")
+    check_same_device({"reps": reps, "weight": weight})
+    check_same_dtype({"reps": reps, "weight": weight})
+    return d, d // (k * k)

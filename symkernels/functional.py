@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from symkernels import backends
 from symkernels._checks import (
+    check_expansion,
     check_finite,
     check_floating,
     check_positive_int,
@@ -89,28 +90,6 @@ def representation_stack(
     return impl(logits, n_iter, tau, fix_identity=fix_identity)
 
 
-def _check_expansion(reps: object, weight: object, kernel_size: object) -> tuple[int, int]:
-    """Validate reps ``[G, d, d]``, weight ``[C_out, C_in, d]``; returns ``(d, G_in)``."""
-    reps = check_tensor(reps, "reps")
-    weight = check_tensor(weight, "weight")
-    k = check_positive_int(kernel_size, "kernel_size")
-    check_floating(reps, "reps")
-    check_floating(weight, "weight")
-    if reps.dim() != 3:
-        raise ValueError(f"reps must have shape [G, d, d], got {tuple(reps.shape)}")
-    check_square_stack(reps, "reps")
-    if weight.dim() != 3:
-        raise ValueError(f"weight must have shape [C_out, C_in, d], got {tuple(weight.shape)}")
-    d = reps.shape[-1]
-    if weight.shape[-1] != d:
-        raise ValueError(f"weight's last dimension ({weight.shape[-1]}) must equal the reps' size d = {d}")
-    if d % (k * k) != 0:
-        raise ValueError(f"kernel_size={k}: k² = {k * k} must divide d = {d} (d = G_in·k²)")
-    check_same_device({"reps": reps, "weight": weight})
-    check_same_dtype({"reps": reps, "weight": weight})
-    return d, d // (k * k)
-
-
 def expand_kernel(
     reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -118,7 +97,7 @@ def expand_kernel(
 
     ``K[o, g, i, :] = R_g θ[o, i, :]``: output channels are o-major, g-minor; input channels i-major.
     """
-    _check_expansion(reps, weight, kernel_size)
+    check_expansion(reps, weight, kernel_size)
     impl = backends.resolve("expand_kernel", backend, weight.device, weight.dtype)
     return impl(reps, weight, kernel_size)
 
@@ -137,7 +116,7 @@ def permuted_conv2d(
     """Convolve with the expanded kernel: ``[B, C_in, H, W]`` (lifting, G_in = 1) or
     ``[B, C_in, G_in, H, W]`` (group conv) → ``[B, C_out, G, H', W']``, plus ``bias`` ``[C_out, 1, 1, 1]``.
     """
-    _, in_group_size = _check_expansion(reps, weight, kernel_size)
+    _, in_group_size = check_expansion(reps, weight, kernel_size)
     x = check_tensor(x, "x")
     check_floating(x, "x")
     out_channels, in_channels = weight.shape[:2]

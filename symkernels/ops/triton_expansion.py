@@ -17,12 +17,9 @@ from __future__ import annotations
 import torch
 
 from symkernels._checks import (
-    check_floating,
-    check_positive_int,
+    check_expansion,
     check_same_device,
     check_same_dtype,
-    check_square_stack,
-    check_tensor,
 )
 from symkernels.triton_kernels.expansion import expand_backward_into, expand_forward_into, is_interpreted
 
@@ -138,21 +135,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(reps, weight, kernel_size, out_dtype, channels_last, leading_identity) -> None:
-    reps = check_tensor(reps, "reps")
-    weight = check_tensor(weight, "weight")
-    k = check_positive_int(kernel_size, "kernel_size")
-    check_floating(reps, "reps")
-    check_floating(weight, "weight")
-    if reps.dim() != 3:
-        raise ValueError(f"reps must have shape [G, d, d], got {tuple(reps.shape)}")
-    check_square_stack(reps, "reps")
-    if weight.dim() != 3:
-        raise ValueError(f"weight must have shape [C_out, C_in, d], got {tuple(weight.shape)}")
-    d = reps.shape[-1]
-    if weight.shape[-1] != d:
-        raise ValueError(f"weight's last dimension ({weight.shape[-1]}) must equal the reps' size d = {d}")
-    if d % (k * k) != 0:
-        raise ValueError(f"kernel_size={k}: k² = {k * k} must divide d = {d} (d = G_in·k²)")
+    check_expansion(reps, weight, kernel_size)
     device = check_same_device({"reps": reps, "weight": weight})
     dtype = check_same_dtype({"reps": reps, "weight": weight})
     if dtype not in SUPPORTED_DTYPES:
