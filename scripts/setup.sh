@@ -63,7 +63,7 @@ fi
 
 echo "setup: installing dependencies and building symkernels (editable; the native build takes about a minute)"
 rm -f "$stamp_file"
-pip_install numpy scipy scikit-learn tqdm matplotlib pybind11 ninja setuptools wheel
+pip_install numpy scipy scikit-learn threadpoolctl tqdm matplotlib pybind11 ninja setuptools wheel
 pip_install --no-build-isolation -e ".[test]"
 install_stamp > "$stamp_file"
 "$venv_python" - <<'PY'

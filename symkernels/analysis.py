@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from scipy.linalg import lstsq
 from scipy.optimize import linear_sum_assignment
+from threadpoolctl import threadpool_limits
 
 __all__ = ["decompose", "decomposition_residual", "nearest_permutation", "nearest_permutation_indices"]
 
@@ -129,10 +130,13 @@ def decompose(reps: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     flat_basis = basis.detach().to(device="cpu", dtype=torch.float64).reshape(k, d * d)
     flat_reps = reps3.detach().to(device="cpu", dtype=torch.float64).reshape(n, d * d)
     coefficients = np.zeros((n, k))
-    for i in range(n):
-        # Since sum(c) = 1, the residual is sum_k c_k (P_k - R_i): the point of smallest norm in the convex
-        # hull of the shifted matrices.
-        coefficients[i] = _min_norm_point((flat_basis - flat_reps[i]).numpy())
+    # Many tiny LAPACK solves: a multi-threaded BLAS spends more time waking its threads than solving
+    # (10-40x slower on a loaded 2-core machine).
+    with threadpool_limits(limits=1):
+        for i in range(n):
+            # Since sum(c) = 1, the residual is sum_k c_k (P_k - R_i): the point of smallest norm in the
+            # convex hull of the shifted matrices.
+            coefficients[i] = _min_norm_point((flat_basis - flat_reps[i]).numpy())
     out = torch.from_numpy(coefficients).to(reps3.device)
     return out[0] if single else out
 

@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from symkernels import analysis, functional, groups
@@ -269,10 +268,7 @@ def _train(
 
 def _decompose(stack: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients ``[N, K]`` and residuals ``[N]`` of the stack over the exact group."""
-    # Many tiny LAPACK solves: a multi-threaded BLAS spends more time waking its threads than solving
-    # (10-40x slower on a loaded 2-core machine).
-    with threadpool_limits(limits=1):
-        coefficients = analysis.decompose(stack, basis)
+    coefficients = analysis.decompose(stack, basis)
     return coefficients, analysis.decomposition_residual(stack, basis, coefficients)
 
 
