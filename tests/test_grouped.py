@@ -210,3 +210,27 @@ def test_models_without_learned_stacks(model_cls):
         norm, entropy = sum_regularizers(model)
     expected_norm, expected_entropy = sum_regularizers(model)
     torch.testing.assert_close((norm, entropy), (expected_norm, expected_entropy))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiled_model_step_traces_without_graph_breaks(backend):
+    """The models' forward groups its stacks inside a context; torch.compile(fullgraph=True) traces it."""
+    model = small_wscnn()
+    x, y = torch.randn(2, 1, 11, 11), torch.tensor([2, 5])
+    params = list(model.parameters())
+
+    def step(x, y):
+        return F.cross_entropy(model(x), y) + 0.1 * model.regularizers()[0]
+
+    with symkernels.use_backend(backend):
+        eager_loss = step(x, y)
+        eager_grads = torch.autograd.grad(eager_loss, params)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(x, y)
+        grads = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for name, module in model.named_modules():
+        if isinstance(module, DoublyStochasticStack):
+            assert module._precomputed is None, name
