@@ -17,6 +17,7 @@ from symkernels._checks import (
     check_tau,
     check_tensor,
 )
+from symkernels.ops.representation import prepend_identity
 from symkernels.ops.sinkhorn import attach_fixed_point_gradient
 
 __all__ = ["expand_kernel", "permuted_conv2d", "representation_stack", "sinkhorn"]
@@ -82,10 +83,7 @@ def representation_stack(
         raise ValueError(f"logits must have shape [G, d, d], got {tuple(logits.shape)}")
     if backward == "implicit":
         stack = sinkhorn(logits, n_iter, tau, backend=backend, backward=backward, check_finite=False)
-        if not fix_identity:
-            return stack
-        identity = torch.eye(logits.shape[-1], dtype=stack.dtype, device=stack.device).unsqueeze(0)
-        return torch.cat([identity, stack], dim=0)
+        return prepend_identity(stack) if fix_identity else stack
     impl = backends.resolve("representation_stack", backend, logits.device, logits.dtype)
     return impl(logits, n_iter, tau, fix_identity=fix_identity)
 

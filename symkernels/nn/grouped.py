@@ -27,6 +27,7 @@ from symkernels._checks import (
     check_tensor,
 )
 from symkernels.nn.stacks import DoublyStochasticStack
+from symkernels.ops.representation import prepend_identity
 
 __all__ = ["grouped_sinkhorn", "precompute_representations"]
 
@@ -95,13 +96,6 @@ def grouped_sinkhorn(
     return [functional.sinkhorn(s, n_iter, tau, backend=backend, check_finite=False) for s in checked]
 
 
-def _with_identity(stack: torch.Tensor, fix_identity: bool) -> torch.Tensor:
-    if not fix_identity:
-        return stack
-    identity = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device).unsqueeze(0)
-    return torch.cat([identity, stack], dim=0)
-
-
 @contextlib.contextmanager
 def precompute_representations(
     model: nn.Module, *, backend: str | None = None
@@ -134,7 +128,7 @@ def precompute_representations(
                 [s.logits for _, s in members], n_iter, tau, backend=backend, check_finite=False
             )
             for (_, stack), result in zip(members, results, strict=True):
-                stack._precomputed = _with_identity(result, stack.fix_identity)
+                stack._precomputed = prepend_identity(result) if stack.fix_identity else result
                 computed.append(stack)
         yield {name: stack._precomputed for name, stack in named}
     finally:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["native_representation_stack", "representation_stack_and_kernel"]
+__all__ = ["native_representation_stack", "prepend_identity", "representation_stack_and_kernel"]
+
+
+def prepend_identity(stack: torch.Tensor) -> torch.Tensor:
+    """``[G', d, d]`` → ``[G' + 1, d, d]`` with the exact identity first (the fixed element of a stack)."""
+    identity = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device).unsqueeze(0)
+    return torch.cat([identity, stack], dim=0)
 
 
 @torch.library.custom_op("symkernels::representation_stack", mutates_args=(), device_types="cpu")
@@ -18,8 +24,7 @@ def _representation_stack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p, rows, cols = torch.ops.symkernels.sinkhorn_forward(logits.contiguous(), n_iter, tau)
     if fix_identity:
-        identity = torch.eye(logits.shape[-1], dtype=p.dtype, device=p.device).unsqueeze(0)
-        p = torch.cat([identity, p], dim=0)
+        p = prepend_identity(p)
     if weight is None:
         kernel = p.new_empty(0)
     else:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from symkernels._checks import check_positive_int, check_square_stack, check_tau, check_tensor
+from symkernels.ops.representation import prepend_identity
 from symkernels.triton_kernels.sinkhorn import (
     chunked_backward_kernel,
     chunked_forward_kernel,
@@ -574,7 +575,4 @@ def triton_representation_stack(
 ) -> torch.Tensor:
     """``[G', d, d]`` logits → ``[G, d, d]`` stack (the identity first when ``fix_identity``)."""
     stack = triton_sinkhorn(logits, n_iter, tau)
-    if not fix_identity:
-        return stack
-    identity = torch.eye(logits.shape[-1], dtype=stack.dtype, device=stack.device).unsqueeze(0)
-    return torch.cat([identity, stack], dim=0)
+    return prepend_identity(stack) if fix_identity else stack
