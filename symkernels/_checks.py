@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -16,6 +17,15 @@ def check_tensor(value: object, name: str) -> torch.Tensor:
 def check_floating(tensor: torch.Tensor, name: str) -> None:
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """An integer (bools refused, numpy integers accepted) of at least ``minimum``, as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -12,10 +12,11 @@ Each ``*_names`` function lists short labels in the same order as the matching s
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
+
+from symkernels._checks import check_int
 
 __all__ = [
     "cube_rotation_names",
@@ -35,17 +36,8 @@ __all__ = [
 _QUARTER_TURNS = {1: 0, 2: 2, 4: 1}
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_order(order: object) -> int:
-    order = _check_int("order", order)
+    order = check_int("order", order)
     if order not in _QUARTER_TURNS:
         raise ValueError(
             f"order must be 1, 2 or 4 (rotations of a square grid by multiples of 90 degrees), got {order}"
@@ -82,7 +74,7 @@ def rotation_permutations(
     Element ``g`` rotates by ``g * 360 / order`` degrees counter-clockwise, so for ``order=4``
     ``P[g] @ w.flatten() == torch.rot90(w, g, dims=(-2, -1)).flatten()``. ``order`` is 1, 2 or 4.
     """
-    k = _check_int("kernel_size", kernel_size)
+    k = check_int("kernel_size", kernel_size)
     order = _check_order(order)
     grid = _grid(k, k)
     step = _QUARTER_TURNS[order]
@@ -102,7 +94,7 @@ def shift_twist(
     for ``order=4``:
     ``P[g] @ W.flatten() == torch.rot90(torch.roll(W, g, dims=0), g, dims=(-2, -1)).flatten()``.
     """
-    k = _check_int("kernel_size", kernel_size)
+    k = check_int("kernel_size", kernel_size)
     order = _check_order(order)
     grid = _grid(order, k, k)
     step = _QUARTER_TURNS[order]
@@ -114,7 +106,7 @@ def cyclic_shifts(
     n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Cyclic shifts of a length-``n`` signal: ``[n, n, n]`` with ``P[s] @ v == torch.roll(v, s)``."""
-    n = _check_int("n", n)
+    n = check_int("n", n)
     line = torch.arange(n)
     return _from_sources([torch.roll(line, s) for s in range(n)], dtype, device)
 
@@ -124,7 +116,7 @@ def flip_permutations(
 ) -> torch.Tensor:
     """Identity and horizontal flip of a ``k x k`` grid: ``[2, k², k²]``; ``P[1] @ w.flatten() ==
     torch.flip(w, dims=(-1,)).flatten()``."""
-    k = _check_int("kernel_size", kernel_size)
+    k = check_int("kernel_size", kernel_size)
     grid = _grid(k, k)
     return _from_sources([grid, torch.flip(grid, dims=(1,))], dtype, device)
 
@@ -141,7 +133,7 @@ def dihedral_permutations(
     Index ``m * order + r`` is ``rot^r ∘ flip^m`` (the horizontal flip applied first, then the rotation),
     so the first ``order`` elements equal :func:`rotation_permutations`.
     """
-    k = _check_int("kernel_size", kernel_size)
+    k = check_int("kernel_size", kernel_size)
     order = _check_order(order)
     grid = _grid(k, k)
     step = _QUARTER_TURNS[order]
@@ -198,7 +190,7 @@ def cube_rotations(
     (``torch.rot90(v, 1, dims=(-2, -1))``) and the z-y plane (``torch.rot90(v, 1, dims=(-3, -2))``).
     For ``size=1`` all 24 matrices are the 1x1 identity.
     """
-    n = _check_int("size", size)
+    n = check_int("size", size)
     grid = _grid(n, n, n)
     return _from_sources([_apply_word(grid, w) for w in _cube_words()], dtype, device)
 
@@ -256,7 +248,7 @@ def rotation_names(order: int = 4) -> list[str]:
 
 def shift_names(n: int) -> list[str]:
     """Labels of :func:`cyclic_shifts`: ``["shift0", ..., f"shift{n-1}"]``."""
-    n = _check_int("n", n)
+    n = check_int("n", n)
     return [f"shift{s}" for s in range(n)]
 
 

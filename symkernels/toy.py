@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from symkernels import analysis, functional, groups
+from symkernels._checks import check_int
 from symkernels.nn import DoublyStochasticStack
 
 __all__ = [
@@ -170,14 +171,6 @@ class ToyLayer(nn.Module):
         return expanded.reshape(stack.shape[0], self.kernel.shape[1], self.kernel.shape[2])
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -211,7 +204,7 @@ def make_problem(problem: str, *, partial: bool = False, size: int | None = None
     problem = _check_problem(problem)
     if not isinstance(partial, bool):
         raise TypeError(f"partial must be a bool, got {type(partial).__name__}")
-    size = _DEFAULT_SIZE[problem] if size is None else _check_int("size", size, _MIN_SIZE[problem])
+    size = _DEFAULT_SIZE[problem] if size is None else check_int("size", size, _MIN_SIZE[problem])
     if problem == "shift1d":
         basis, names = groups.cyclic_shifts(size), groups.shift_names(size)
         target = list(range(size // 2 if partial else size))
@@ -327,24 +320,24 @@ def run_toy(
     Deterministic for a given seed; the global random state is left alone.
     """
     spec = make_problem(problem, partial=partial, size=size)
-    seed = _check_int("seed", seed, 0)
-    steps = _DEFAULT_STEPS[spec.name] if steps is None else _check_int("steps", steps, 0)
+    seed = check_int("seed", seed, 0)
+    steps = _DEFAULT_STEPS[spec.name] if steps is None else check_int("steps", steps, 0)
     noise = _check_real("noise", noise)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     threshold = _check_real("threshold", threshold)
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    channels = _check_int("channels", channels, 1)
-    samples = _check_int("samples", samples, 1)
-    warmup = _check_int("warmup", warmup, 0)
+    channels = check_int("channels", channels, 1)
+    samples = check_int("samples", samples, 1)
+    warmup = check_int("warmup", warmup, 0)
     for name, rate in (("lr", lr), ("kernel_lr", kernel_lr)):
         if _check_real(name, rate) <= 0:
             raise ValueError(f"{name} must be > 0, got {rate}")
     if not isinstance(fix_identity, bool):
         raise TypeError(f"fix_identity must be a bool, got {type(fix_identity).__name__}")
     if threads is not None:
-        threads = _check_int("threads", threads, 1)
+        threads = check_int("threads", threads, 1)
 
     with _torch_threads(threads):
         generator = torch.Generator().manual_seed(seed)
