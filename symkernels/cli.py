@@ -6,6 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from symkernels.data import DATASETS, ROTATIONS
+from symkernels.training.config import DTYPES, MODELS
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -26,8 +29,8 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
 # Flags that set TrainConfig fields (dest = field name). Their default is "not given", so that a resumed run
 # can tell flags the user typed from per-dataset defaults.
 _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
-    ("--dataset", {"choices": ("digits", "mnist", "cifar10"), "help": "data (default digits: embedded)"}),
-    ("--model", {"choices": ("wscnn", "cnn", "gcnn", "wsresnet", "resnet")}),
+    ("--dataset", {"choices": DATASETS, "help": "data (default digits: embedded)"}),
+    ("--model", {"choices": MODELS}),
     ("--epochs", {"type": int}),
     ("--batch-size", {"type": int, "help": "global batch (split evenly over torchrun processes)"}),
     ("--lr", {"type": float, "help": "AdamW learning rate of every parameter but the logits"}),
@@ -42,7 +45,7 @@ _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--kernel-size", {"type": int}),
     ("--group-size", {"type": int, "help": "|G|: stack size of each weight-sharing layer"}),
     ("--padding", {"type": int, "help": "convolution padding (CNN family; the ResNets pad to 'same')"}),
-    ("--rotate", {"choices": ("none", "c4", "continuous"), "help": "random rotation of the images"}),
+    ("--rotate", {"choices": ROTATIONS, "help": "random rotation of the images"}),
     ("--rotate-range", {"type": float, "metavar": "DEG", "help": "rotate within [0, DEG] (e.g. 90, 180)"}),
     ("--flip", {"action": argparse.BooleanOptionalAction, "help": "random horizontal flips (training)"}),
     ("--scale", {"action": argparse.BooleanOptionalAction, "help": "random shrink in [--scale-min, 1]"}),
@@ -51,7 +54,7 @@ _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--train-limit", {"type": int, "metavar": "N", "help": "use only the first N training images"}),
     ("--test-limit", {"type": int, "metavar": "N", "help": "use only the first N test images"}),
     ("--seed", {"type": int}),
-    ("--dtype", {"choices": ("float32", "float64"), "help": "parameter and activation dtype"}),
+    ("--dtype", {"choices": DTYPES, "help": "parameter and activation dtype"}),
 )
 
 
@@ -176,21 +179,14 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import torch
-
     from symkernels.training.exporting import export_run, format_report
 
-    previous = torch.get_num_threads()
     try:
-        runtime = _runtime(args)
-        if runtime.threads is not None:
-            torch.set_num_threads(runtime.threads)
-        report = export_run(args.run_dir, harden=args.harden, out=args.out, runtime=runtime)
+        # export_run sets runtime.threads while it runs and restores the previous count.
+        report = export_run(args.run_dir, harden=args.harden, out=args.out, runtime=_runtime(args))
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"symkernels export: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(previous)
     print(format_report(report))
     return 0
 

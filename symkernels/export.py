@@ -18,6 +18,7 @@ from symkernels import analysis
 from symkernels.models.cnn import CNN, WSCNN
 from symkernels.models.resnet import ChannelLinear, ResBlock, _ResNetLayout
 from symkernels.nn.conv import _WeightSharingConv2d
+from symkernels.nn.grouped import precompute_representations
 from symkernels.nn.stacks import DoublyStochasticStack, FixedStack
 
 __all__ = [
@@ -254,7 +255,9 @@ def export_model(model: nn.Module, *, harden: bool = False) -> nn.Module:
             f"got {type(model).__name__}"
         )
     source = harden_model(model) if harden else model
-    return build(source).eval()
+    # Every learned stack in one grouped Sinkhorn call where a backend has one, not one call per layer.
+    with torch.no_grad(), precompute_representations(source):
+        return build(source).eval()
 
 
 def harden_model(model: nn.Module) -> nn.Module:

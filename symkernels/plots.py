@@ -81,9 +81,34 @@ class _Layer:
     coefficients: np.ndarray
 
 
-def _prepare_stacks(stacks: object, bases: object) -> list[_Layer]:
+def _given_coefficients(coefficients: object) -> Mapping[Any, Any]:
+    if coefficients is None:
+        return {}
+    if not isinstance(coefficients, Mapping):
+        raise TypeError(f"coefficients must be a dict keyed by layer name, got {type(coefficients).__name__}")
+    return coefficients
+
+
+def _layer_coefficients(value: object, name: str, rows: int, columns: int) -> np.ndarray:
+    """Precomputed coefficients of one layer: ``[G, K]`` (tensor, array or rows), or a decomposition entry
+    ``{"coefficients": rows, ...}`` as :func:`save_decomposition_figure` takes."""
+    where = f"coefficients[{name!r}]"
+    if isinstance(value, Mapping):
+        if "coefficients" not in value:
+            raise ValueError(f"{where} must be a [G, K] matrix or a dict with key 'coefficients'")
+        value, where = value["coefficients"], f"{where}['coefficients']"
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to(dtype=torch.float64, device="cpu").numpy()
+    matrix = _as_matrix(value, where)
+    if matrix.shape != (rows, columns):
+        raise ValueError(f"{where} must have shape [G, K] = [{rows}, {columns}], got {list(matrix.shape)}")
+    return matrix
+
+
+def _prepare_stacks(stacks: object, bases: object, coefficients: object = None) -> list[_Layer]:
     stacks = _check_mapping(stacks, "stacks")
     bases = _check_mapping(bases, "bases")
+    given = _given_coefficients(coefficients)
     if set(stacks) != set(bases):
         missing = sorted(set(stacks) - set(bases))
         extra = sorted(set(bases) - set(stacks))
@@ -115,10 +140,13 @@ def _prepare_stacks(stacks: object, bases: object) -> list[_Layer]:
         names = _check_names(names, f"bases[{name!r}][1]")
         if len(names) != basis.shape[0]:
             raise ValueError(f"bases[{name!r}]: {len(names)} names for {basis.shape[0]} basis elements")
-        try:
-            coefficients = analysis.decompose(stack, basis)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"layer {name!r}: {error}") from error
+        if name in given:
+            layer_coefficients = _layer_coefficients(given[name], name, stack.shape[0], basis.shape[0])
+        else:
+            try:
+                layer_coefficients = analysis.decompose(stack, basis).cpu().numpy()
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"layer {name!r}: {error}") from error
         as_numpy = {"dtype": torch.float64, "device": "cpu"}
         layers.append(
             _Layer(
@@ -126,7 +154,7 @@ def _prepare_stacks(stacks: object, bases: object) -> list[_Layer]:
                 stack.detach().to(**as_numpy).numpy(),
                 basis.detach().to(**as_numpy).numpy(),
                 names,
-                coefficients.cpu().numpy(),
+                layer_coefficients,
             )
         )
     return layers
@@ -166,7 +194,11 @@ def _heatmap(axes: Any, matrix: np.ndarray, title: str) -> Any:
 
 
 def save_stack_figure(
-    stacks: dict[str, torch.Tensor], bases: dict[str, tuple[torch.Tensor, list[str]]], path: str | os.PathLike
+    stacks: dict[str, torch.Tensor],
+    bases: dict[str, tuple[torch.Tensor, list[str]]],
+    path: str | os.PathLike,
+    *,
+    coefficients: Mapping[str, Any] | None = None,
 ) -> Path:
     """One PNG: for each layer, each learned matrix ``R_i`` as a heatmap next to the exact basis element it is
     closest to (the largest coefficient of its decomposition, :func:`symkernels.analysis.decompose`).
@@ -175,9 +207,13 @@ def save_stack_figure(
     same names → ``(basis [K, d, d], element names)``, e.g. ``(groups.rotation_permutations(5),
     groups.rotation_names())``. One band of panels per layer (stacks of more than 4 elements wrap), one shared
     colour scale [0, 1]. ``path`` must end in ``.png`` and its folder must exist. Returns ``path`` as a Path.
+
+    ``coefficients`` optionally maps layer name → its decomposition already computed: a ``[G, K]`` matrix
+    (tensor, array or rows) or a ``{"coefficients": rows, ...}`` entry as in ``metrics.json``; layers not in
+    it are decomposed here.
     """
     target = _check_path(path)
-    layers = _prepare_stacks(stacks, bases)
+    layers = _prepare_stacks(stacks, bases, coefficients)
     pairs = min(max(layer.stack.shape[0] for layer in layers), _PAIRS_PER_LINE)
     lines = [math.ceil(layer.stack.shape[0] / pairs) for layer in layers]
     # Fixed margins in inches (tick-free panels need no automatic layout, which is slow for many axes).

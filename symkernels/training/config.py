@@ -7,9 +7,11 @@ threads, data folder, progress output) live in :class:`RuntimeOptions`, outside 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,7 +229,21 @@ def conflicts(stored: TrainConfig, given: dict[str, Any]) -> list[str]:
 
 def same_experiment(a: TrainConfig, b: TrainConfig) -> bool:
     """Equal but for :data:`RESUMABLE_CHANGES`."""
-    return not conflicts(a, {k: v for k, v in b.to_dict().items()})
+    return not conflicts(a, b.to_dict())
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (``None``: leave them alone); restored afterwards."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -9,6 +9,7 @@ and was resumed reproduces the uninterrupted run bit for bit (parameters, optimi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import time
@@ -28,7 +29,7 @@ from symkernels.models import parameter_counts
 from symkernels.nn import precompute_representations
 from symkernels.training import distributed, report
 from symkernels.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from symkernels.training.config import RuntimeOptions, TrainConfig
+from symkernels.training.config import RuntimeOptions, TrainConfig, torch_threads
 from symkernels.training.datasets import TrainData, prepare_data
 from symkernels.training.distributed import DistEnv
 from symkernels.training.factory import build_model, build_optimizer
@@ -70,8 +71,8 @@ def train(
     runtime = runtime or RuntimeOptions()
     with _session(runtime) as (env, device):
         target = Path(out) if out is not None else distributed.broadcast_object(default_run_dir(), env)
-        plan = plan_new_or_matching(target, config)
-        return _run(plan, runtime, env, device)
+        # Passed on directly: _run drops the plan's checkpoint once the trainer has restored it.
+        return _run(plan_new_or_matching(target, config), runtime, env, device)
 
 
 def resume(
@@ -84,8 +85,7 @@ def resume(
     """
     runtime = runtime or RuntimeOptions()
     with _session(runtime) as (env, device):
-        plan = plan_resume(run_dir, dict(given or {}))
-        return _run(plan, runtime, env, device)
+        return _run(plan_resume(run_dir, dict(given or {})), runtime, env, device)
 
 
 def torch_device(name: str, env: DistEnv | None = None) -> torch.device:
@@ -170,27 +170,26 @@ def evaluate(
 @contextlib.contextmanager
 def _session(runtime: RuntimeOptions) -> Iterator[tuple[DistEnv, torch.device]]:
     """Threads, process group and device for one run; the process group is closed afterwards."""
-    previous_threads = torch.get_num_threads()
-    if runtime.threads is not None:
-        torch.set_num_threads(runtime.threads)
-    # A first guess of the device type picks gloo or NCCL; the local rank then fixes the CUDA index.
-    env = distributed.init_from_env(torch_device(runtime.device))
-    try:
-        device = torch_device(runtime.device, env)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backends.resolve("sinkhorn", runtime.backend, device, torch.float32)  # fail early: unknown / unusable
-        yield env, device
-    finally:
-        distributed.shutdown(env)
-        if runtime.threads is not None:
-            torch.set_num_threads(previous_threads)
+    with torch_threads(runtime.threads):
+        # A first guess of the device type picks gloo or NCCL; the local rank then fixes the CUDA index.
+        env = distributed.init_from_env(torch_device(runtime.device))
+        try:
+            device = torch_device(runtime.device, env)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            backends.resolve("sinkhorn", runtime.backend, device, torch.float32)  # fail early
+            yield env, device
+        finally:
+            distributed.shutdown(env)
 
 
 class _Trainer:
     """One run's state between epochs."""
 
     def __init__(self, plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.device) -> None:
+        checkpoint = plan.checkpoint
+        # The trainer keeps the plan without the checkpoint: no second copy of the weights during the run.
+        plan = dataclasses.replace(plan, checkpoint=None)
         self.plan, self.runtime, self.env, self.device = plan, runtime, env, device
         self.config = config = plan.config
         self.paths = plan.paths
@@ -210,7 +209,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         if plan.resume:
-            self._restore(load_checkpoint(self.paths.checkpoint))
+            self._restore(checkpoint if checkpoint is not None else load_checkpoint(self.paths.checkpoint))
         self.net: nn.Module = self.model
         if env.distributed:
             ids = [device.index] if device.type == "cuda" else None
@@ -261,7 +260,11 @@ class _Trainer:
                     sums += torch.stack([v.detach().to(device, torch.float64) for v in values])
                 seen += len(y)
                 if show:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / len(y):.3f}")
+                    # One host sync for both numbers (float64 holds the float32 loss and the count exactly).
+                    shown_loss, shown_correct = torch.stack(
+                        [loss.detach().double(), correct.double()]
+                    ).tolist()
+                    bar.set_postfix(loss=f"{shown_loss:.3f}", acc=f"{shown_correct / len(y):.3f}")
                     bar.update()
                 if distributed.any_across(stop.requested, self.env, device):
                     raise self._interrupted(stop)
@@ -371,6 +374,7 @@ def _run(plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.dev
     choice = backends.use_backend(runtime.backend) if runtime.backend else contextlib.nullcontext()
     with StopRequest() as stop, choice, preserved_global_state():
         trainer = _Trainer(plan, runtime, env, device)  # loads and checks everything before writing
+        plan = trainer.plan  # without the checkpoint it was restored from
         distributed.barrier(env)
         if env.is_main:
             plan.paths.root.mkdir(parents=True, exist_ok=True)
@@ -389,7 +393,10 @@ def _run(plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.dev
                 raise trainer._interrupted(stop)
         metrics = trainer.finish()
     if "lift" in metrics["decomposition"]:
-        _say(runtime, env, report.format_decomposition("lift", metrics["decomposition"]["lift"]))
+        lift = report.format_decomposition(
+            "lift", metrics["decomposition"]["lift"], verdict=metrics["recovery"]["lift"]
+        )
+        _say(runtime, env, lift)
     _say(runtime, env, f"test accuracy {metrics['test_accuracy']:.4f}; run folder {plan.paths.root}")
     return TrainResult(
         plan.paths.root, config, trainer.model, trainer.history, metrics["test_accuracy"], metrics

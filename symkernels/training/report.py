@@ -16,7 +16,7 @@ from torch import nn
 
 from symkernels import analysis, groups
 from symkernels.models import weight_sharing_layers
-from symkernels.nn import WSLiftConv2d
+from symkernels.nn import WSLiftConv2d, precompute_representations
 
 Basis = tuple[torch.Tensor, list[str]]
 
@@ -25,27 +25,26 @@ _SHIFT_TWIST_ORDERS = (1, 2, 4)
 RECOVERY_THRESHOLD = 0.8
 
 
-def _layer_name(name: str, layer: nn.Module, lifts: int) -> str:
-    return "lift" if isinstance(layer, WSLiftConv2d) and lifts == 1 else name
+def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The weight-sharing layers of ``model`` by report name: a model's only lifting layer is ``"lift"``."""
+    layers = list(weight_sharing_layers(model))
+    lifts = sum(isinstance(layer, WSLiftConv2d) for _, layer in layers)
+    return [
+        ("lift" if isinstance(layer, WSLiftConv2d) and lifts == 1 else name, layer) for name, layer in layers
+    ]
 
 
 def learned_stacks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight-sharing layer's ``[G, d, d]`` stack (float32, CPU), by layer name."""
-    layers = list(weight_sharing_layers(model))
-    lifts = sum(isinstance(layer, WSLiftConv2d) for _, layer in layers)
-    with torch.no_grad():
-        return {
-            _layer_name(name, layer, lifts): layer.representations().detach().float().cpu()
-            for name, layer in layers
-        }
+    # All stacks in one grouped Sinkhorn call where a backend has one.
+    with torch.no_grad(), precompute_representations(model):
+        return {name: layer.representations().detach().float().cpu() for name, layer in _named_layers(model)}
 
 
 def layer_bases(model: nn.Module, *, flip: bool = False) -> dict[str, Basis]:
     """The exact group elements each layer's stack is read against: name → (``[K, d, d]``, K names)."""
-    layers = list(weight_sharing_layers(model))
-    lifts = sum(isinstance(layer, WSLiftConv2d) for _, layer in layers)
     bases: dict[str, Basis] = {}
-    for name, layer in layers:
+    for name, layer in _named_layers(model):
         k = layer.kernel_size
         if isinstance(layer, WSLiftConv2d):
             if flip and layer.group_size >= 8:
@@ -57,7 +56,7 @@ def layer_bases(model: nn.Module, *, flip: bool = False) -> dict[str, Basis]:
             basis = (groups.shift_twist(k, order=order), [f"shift-twist r{g}" for g in range(order)])
         else:
             continue
-        bases[_layer_name(name, layer, lifts)] = basis
+        bases[name] = basis
     return bases
 
 
@@ -87,14 +86,22 @@ def recovery(entry: dict[str, Any], threshold: float = RECOVERY_THRESHOLD) -> di
     }
 
 
-def format_decomposition(layer: str, entry: dict[str, Any], threshold: float = RECOVERY_THRESHOLD) -> str:
-    """One layer's coefficient table and a one-line verdict."""
+def format_decomposition(
+    layer: str,
+    entry: dict[str, Any],
+    threshold: float = RECOVERY_THRESHOLD,
+    *,
+    verdict: dict[str, Any] | None = None,
+) -> str:
+    """One layer's coefficient table and a one-line verdict (``verdict``: :func:`recovery` of ``entry`` at
+    ``threshold``, when already computed)."""
     names = entry["elements"]
     lines = [f"{layer}: each stack element decomposed onto the exact group elements", ""]
     lines.append("element   " + "".join(f"{name:>10}" for name in names))
     for i, row in enumerate(entry["coefficients"]):
         lines.append(f"R{i:<8} " + "".join(f"{value:10.3f}" for value in row))
-    verdict = recovery(entry, threshold)
+    if verdict is None:
+        verdict = recovery(entry, threshold)
     lowest = min(verdict["mass"])
     if verdict["recovered"]:
         lines.append(
@@ -122,6 +129,8 @@ def save_figures(
         return []
     from symkernels import plots  # deferred: matplotlib is only needed for the figures
 
-    plots.save_stack_figure({name: stacks[name] for name in bases}, bases, stacks_path)
+    plots.save_stack_figure(
+        {name: stacks[name] for name in bases}, bases, stacks_path, coefficients=coefficients
+    )
     plots.save_decomposition_figure(coefficients, decomposition_path)
     return [Path(stacks_path), Path(decomposition_path)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class RunPlan:
     paths: RunPaths
     config: TrainConfig
     resume: bool  # a checkpoint exists and training continues from it
+    # The checkpoint read while planning (resume only), so that the trainer need not load it again.
+    checkpoint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 def default_run_dir(base: str | Path = "runs") -> Path:
@@ -113,26 +115,27 @@ def plan_new_or_matching(out: str | Path, config: TrainConfig) -> RunPlan:
             f"--out {paths.root} is not empty and is not a symkernels run; choose an empty or new folder"
         )
     stored = read_config(paths.root)
-    if not same_experiment(stored, config):
-        differences = "; ".join(conflicts(stored, config.to_dict()))
+    differences = conflicts(stored, config.to_dict())  # empty: the same experiment (same_experiment)
+    if differences:
         raise FileExistsError(
-            f"--out {paths.root} holds a run of a different config ({differences}); choose another folder "
-            f"or resume it with: symkernels train --resume {paths.root}"
+            f"--out {paths.root} holds a run of a different config ({'; '.join(differences)}); choose "
+            f"another folder or resume it with: symkernels train --resume {paths.root}"
         )
-    return RunPlan(paths, config, resume=_check_checkpoint(paths, config))
+    return _plan_from_checkpoint(paths, config)
 
 
-def _check_checkpoint(paths: RunPaths, config: TrainConfig) -> bool:
-    """Whether ``paths`` holds a checkpoint to continue ``config`` from; raises if unreadable or ahead."""
+def _plan_from_checkpoint(paths: RunPaths, config: TrainConfig) -> RunPlan:
+    """The plan for ``config`` in ``paths``: resumed (holding the checkpoint) when ``paths`` has one; raises
+    if it is unreadable or ahead of ``config.epochs``."""
     if not paths.checkpoint.is_file():
-        return False
+        return RunPlan(paths, config, resume=False)
     checkpoint = load_checkpoint(paths.checkpoint)  # fail now, before data is loaded or anything written
     if checkpoint["epoch"] > config.epochs:
         raise ValueError(
             f"cannot continue {paths.root} with epochs={config.epochs}: its checkpoint is at epoch "
             f"{checkpoint['epoch']}"
         )
-    return True
+    return RunPlan(paths, config, resume=True, checkpoint=checkpoint)
 
 
 def plan_resume(run_dir: str | Path, given: dict[str, Any]) -> RunPlan:
@@ -148,8 +151,7 @@ def plan_resume(run_dir: str | Path, given: dict[str, Any]) -> RunPlan:
             f"({'; '.join(problems)}). Drop those flags, or start a new run with --out"
         )
     config = TrainConfig.from_dict({**stored.to_dict(), **{k: v for k, v in given.items() if k == "epochs"}})
-    paths = RunPaths(Path(run_dir))
-    return RunPlan(paths, config, resume=_check_checkpoint(paths, config))
+    return _plan_from_checkpoint(RunPaths(Path(run_dir)), config)
 
 
 @dataclass
