@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:  # `python bench/gpu.py` puts bench/, not the repo
 
 import symkernels  # noqa: E402
 from bench.workloads import REGIMES, STACKS  # noqa: E402
+from symkernels.ops.representation import prepend_identity  # noqa: E402
 from symkernels.reference import (  # noqa: E402
     authors_representation_stack,
     expand_kernel_reference,
@@ -159,15 +160,12 @@ def _output_grads(outputs: Sequence[torch.Tensor], seed: int = 99) -> list[torch
 
 
 def _backend_reason(name: str, device: torch.device, op: str) -> str | None:
-    status = symkernels.backend_status().get(name)
-    if status is None:
-        return f"no backend named {name!r} is registered (known: {list(symkernels.backend_status())})"
-    if not status.usable:
-        return f"backend {name!r} unusable: {status.detail}"
-    backend = symkernels.backends._REGISTRY[name]
-    if op not in backend.ops:
-        return f"backend {name!r} has no {op} op"
-    return backend.can_serve(device, torch.float32)
+    """Why backend ``name`` cannot run ``op`` on float32 tensors of ``device`` (``None``: it can)."""
+    try:
+        symkernels.backends.resolve(op, name, device, torch.float32)
+    except (RuntimeError, ValueError) as error:  # cannot serve / unknown name
+        return str(error)
+    return None
 
 
 def gpu_backends() -> list[str]:
@@ -175,66 +173,15 @@ def gpu_backends() -> list[str]:
     return [name for name in symkernels.backends.known_backends() if name not in ("reference", "cpu")]
 
 
-# Where a public grouped call (every layer's stack in one launch) may live; the first one found is used,
-# else a GPU backend's "grouped_sinkhorn" op.
-GROUPED_CANDIDATES = (
-    ("symkernels.functional", "grouped_representation_stacks"),
-    ("symkernels.functional", "representation_stacks"),
-    ("symkernels.functional", "grouped_sinkhorn"),
-    ("symkernels", "grouped_representation_stacks"),
-    ("symkernels", "grouped_sinkhorn"),
-    ("symkernels.nn.grouped", "grouped_representation_stacks"),
-    ("symkernels.nn.grouped", "representation_stacks"),
-    ("symkernels.nn.grouped", "grouped_sinkhorn"),
-)
+# The grouped call: every layer's stack in one launch, through the backend's grouped kernel.
 GROUPED_OP = "grouped_sinkhorn"
 GROUPED_BACKEND = "triton"
 
 
-def find_grouped() -> tuple[Callable[..., Any] | None, str]:
-    """The grouped call and where it was found, or ``None`` and the reason."""
-    import importlib
-
-    for module_name, attribute in GROUPED_CANDIDATES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        fn = getattr(module, attribute, None)
-        if callable(fn):
-            return fn, f"{module_name}.{attribute}"
-    for name in gpu_backends():
-        backend = symkernels.backends._REGISTRY[name]
-        if backend.unavailable_reason is None and GROUPED_OP in backend.ops:
-            return backend.ops[GROUPED_OP], f"the {name} backend's {GROUPED_OP} op"
-    looked = ", ".join(f"{m}.{a}" for m, a in GROUPED_CANDIDATES)
-    return None, f"no grouped API found (looked for {looked} and a usable backend op {GROUPED_OP!r})"
-
-
-def _grouped_call(fn: Callable[..., Any]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """``xs -> stacks`` through the grouped API ``fn``, with the identity prepended when it returns only the
-    learned matrices, so that its outputs equal the per-layer representation stacks."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    kwargs: dict[str, Any] = {"check_finite": False} if "check_finite" in parameters else {}
-    if "backend" in parameters:
-        kwargs["backend"] = GROUPED_BACKEND  # the grouped kernel, not a per-stack fallback loop
-
-    def call(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = fn(xs, N_ITER, **kwargs)
-        stacks = [out] if isinstance(out, torch.Tensor) else list(out)
-        return [
-            torch.cat([torch.eye(x.shape[-1], dtype=s.dtype, device=s.device).unsqueeze(0), s])
-            if s.shape[0] == x.shape[0]
-            else s
-            for x, s in zip(xs, stacks, strict=True)
-        ]
-
-    return call
+def _grouped_stacks(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every layer's representation stack from one grouped call (the identity prepended to its output)."""
+    stacks = symkernels.nn.grouped_sinkhorn(xs, N_ITER, backend=GROUPED_BACKEND, check_finite=False)
+    return [prepend_identity(s) for s in stacks]
 
 
 def _stack_fn(provider: str, model_stack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -275,13 +222,9 @@ def _sinkhorn_make(provider: str, workload: str, mode: str, regime: str) -> Call
         backward = mode == "fwd+bwd"
         xs = _inputs(workload, regime, device, backward)
         if provider == GROUPED:
-            fn, where = find_grouped()
-            if fn is None:
-                raise RuntimeError(where)
-            grouped = _grouped_call(fn)
 
             def forward() -> list[torch.Tensor]:
-                return grouped(xs)
+                return _grouped_stacks(xs)
 
         else:
             one = _stack_fn(provider, model_stack)
@@ -309,8 +252,7 @@ def _sinkhorn_requires(provider: str, model_stack: bool) -> Callable[[torch.devi
         if provider == COMPILED:
             return None if hasattr(torch, "compile") else "this torch has no torch.compile"
         if provider == GROUPED:
-            fn, where = find_grouped()
-            return where if fn is None else _backend_reason(GROUPED_BACKEND, device, GROUPED_OP)
+            return _backend_reason(GROUPED_BACKEND, device, GROUPED_OP)
         return _backend_reason(provider, device, "representation_stack" if model_stack else "sinkhorn")
 
     return requires
@@ -398,14 +340,7 @@ def _expansion_requires(provider: str) -> Callable[[torch.device], str | None]:
     def requires(device: torch.device) -> str | None:
         if provider == REFERENCE:
             return None
-        try:
-            from symkernels.ops.triton_expansion import triton_expand_kernel  # noqa: F401
-            from symkernels.triton_kernels.expansion import is_interpreted
-        except Exception as error:  # ImportError, or triton failing to initialise
-            return f"triton expansion unavailable: {type(error).__name__}: {error}"
-        if device.type != "cuda" and not is_interpreted():
-            return "the triton expansion runs on CUDA tensors (or under TRITON_INTERPRET=1)"
-        return None
+        return _backend_reason("triton", device, "expand_kernel")
 
     return requires
 
@@ -1092,12 +1027,11 @@ def dry_run(cases: Sequence[Case], out: Path, device: torch.device) -> dict[str,
         entry["would_run"] = reason is None
         entry["reason"] = reason
         plan.append(entry)
-    grouped, where = find_grouped()
     result = {
         "device": str(device),
         "sections": list(dict.fromkeys(case.section for case in cases)),
         "cases": plan,
-        "grouped_api": where if grouped is not None else None,
+        "grouped_api": f"symkernels.nn.grouped_sinkhorn(backend={GROUPED_BACKEND!r})",
         "gpu_backends": gpu_backends(),
     }
     (out / "plan.json").write_text(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -103,3 +104,35 @@ def check_expansion(reps: object, weight: object, kernel_size: object) -> tuple[
     check_same_device({"reps": reps, "weight": weight})
     check_same_dtype({"reps": reps, "weight": weight})
     return d, d // (k * k)
+
+
+def check_stack_list(stacks: object) -> list[torch.Tensor]:
+    """A sequence of ``[G, n, n]`` floating stacks of one dtype and device (``n`` may differ), as a list."""
+    if isinstance(stacks, torch.Tensor) or not isinstance(stacks, Sequence):
+        raise TypeError(f"stacks must be a sequence of [G, n, n] tensors, got {type(stacks).__name__}")
+    checked = []
+    for index, stack in enumerate(stacks):
+        name = f"stacks[{index}]"
+        stack = check_tensor(stack, name)
+        check_floating(stack, name)
+        if stack.dim() != 3:
+            raise ValueError(f"{name} must have shape [G, n, n], got {tuple(stack.shape)}")
+        check_square_stack(stack, name)
+        first = stacks[0]
+        if stack.device != first.device or stack.dtype != first.dtype:
+            raise ValueError(
+                f"{name} is {stack.dtype} on {stack.device} but stacks[0] is {first.dtype} on "
+                f"{first.device}; one grouped call takes stacks of one dtype and device"
+            )
+        checked.append(stack)
+    return checked
+
+
+def check_all_finite(tensors: Sequence[torch.Tensor], name: str = "stacks") -> None:
+    """:func:`check_finite` of every tensor (as ``name[i]``), reading one flag from the device for all."""
+    if torch.compiler.is_compiling() or not tensors:
+        return
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    for index, tensor in enumerate(tensors):
+        check_finite(tensor, f"{name}[{index}]")

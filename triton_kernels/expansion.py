@@ -29,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BackwardPlan", "backward_plan", "expand_backward_into", "expand_forward_into", "is_interpreted"]
+__all__ = [
+    "INTERPRETED",
+    "BackwardPlan",
+    "backward_plan",
+    "expand_backward_into",
+    "expand_forward_into",
+    "is_interpreted",
+]
 
 # Offsets are computed in int32 inside the kernels.
 MAX_OFFSET = 2**31 - 1
@@ -305,13 +312,21 @@ def _no_wrap(kernel: object) -> object:
     return kernel
 
 
-def is_interpreted() -> bool:
-    """Whether Triton runs these kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+def _detect_interpreter() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - every supported triton has the interpreter
         return False
     return isinstance(_expand_forward_kernel, InterpretedFunction)
+
+
+# Triton decides when the kernels are decorated (at import) whether they run in its CPU interpreter.
+INTERPRETED = _detect_interpreter()
+
+
+def is_interpreted() -> bool:
+    """Whether Triton runs the kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return INTERPRETED
 
 
 def _block(size: int, cap: int) -> int:
@@ -323,7 +338,7 @@ def _dot_f32(*tensors: torch.Tensor) -> bool:
     """Whether the dot products run on float32 operands (exact path) rather than the tensors' own dtype."""
     dtypes = {t.dtype for t in tensors}
     # The interpreter's tl.dot gives wrong values on bf16: there every dtype is computed on float32 operands.
-    return len(dtypes) != 1 or torch.float32 in dtypes or is_interpreted()
+    return len(dtypes) != 1 or torch.float32 in dtypes or INTERPRETED
 
 
 def _max_offset(tensor: torch.Tensor) -> int:

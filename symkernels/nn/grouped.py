@@ -19,51 +19,11 @@ import torch
 from torch import nn
 
 from symkernels import backends, functional
-from symkernels._checks import (
-    check_floating,
-    check_positive_int,
-    check_square_stack,
-    check_tau,
-    check_tensor,
-)
+from symkernels._checks import check_all_finite, check_positive_int, check_stack_list, check_tau
 from symkernels.nn.stacks import DoublyStochasticStack
 from symkernels.ops.representation import prepend_identity
 
 __all__ = ["grouped_sinkhorn", "precompute_representations"]
-
-
-def _check_stacks(stacks: object) -> list[torch.Tensor]:
-    if isinstance(stacks, torch.Tensor) or not isinstance(stacks, Sequence):
-        raise TypeError(f"stacks must be a sequence of [G, n, n] tensors, got {type(stacks).__name__}")
-    checked = []
-    for index, stack in enumerate(stacks):
-        name = f"stacks[{index}]"
-        stack = check_tensor(stack, name)
-        check_floating(stack, name)
-        if stack.dim() != 3:
-            raise ValueError(f"{name} must have shape [G, n, n], got {tuple(stack.shape)}")
-        check_square_stack(stack, name)
-        first = stacks[0]
-        if stack.device != first.device or stack.dtype != first.dtype:
-            raise ValueError(
-                f"{name} is {stack.dtype} on {stack.device} but stacks[0] is {first.dtype} on "
-                f"{first.device}; one grouped call takes stacks of one dtype and device"
-            )
-        checked.append(stack)
-    return checked
-
-
-def _check_all_finite(stacks: Sequence[torch.Tensor]) -> None:
-    """Raise on NaN/Inf in any stack, reading one flag from the device for all of them."""
-    if torch.compiler.is_compiling() or not stacks:
-        return
-    if bool(torch.stack([torch.isfinite(s).all() for s in stacks]).all()):
-        return
-    bad = next(i for i, s in enumerate(stacks) if not bool(torch.isfinite(s).all()))
-    raise ValueError(
-        f"stacks[{bad}] contains NaN or Inf; pass check_finite=False to skip this check "
-        "(the output is then NaN wherever the input is not finite)"
-    )
 
 
 def grouped_sinkhorn(
@@ -80,13 +40,13 @@ def grouped_sinkhorn(
     backward; on the others this is a loop over the stacks through the same backend choice. Gradients are
     the exact unrolled ones either way.
     """
-    checked = _check_stacks(stacks)
+    checked = check_stack_list(stacks)
     check_positive_int(n_iter, "n_iter")
     tau = check_tau(tau)
     if not checked:
         return []
     if check_finite:
-        _check_all_finite(checked)
+        check_all_finite(checked)
     try:
         impl = backends.resolve("grouped_sinkhorn", backend, checked[0].device, checked[0].dtype)
     except RuntimeError:
@@ -123,7 +83,7 @@ def precompute_representations(
         for (n_iter, tau, _, _), members in groups.items():
             finite = [s.logits for _, s in members if s.check_finite]
             if finite:
-                _check_all_finite(finite)
+                check_all_finite(finite)
             results = grouped_sinkhorn(
                 [s.logits for _, s in members], n_iter, tau, backend=backend, check_finite=False
             )

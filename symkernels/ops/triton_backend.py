@@ -27,17 +27,21 @@ except Exception as error:  # a broken triton install must not break `import sym
     _unavailable = f"the Triton kernels failed to load: {type(error).__name__}: {error}"
 else:
     _interpreted = triton_sinkhorn.INTERPRETED
+    # Every call comes through symkernels.functional or symkernels.nn.grouped_sinkhorn, which check the
+    # arguments, and through backends.resolve, which checks the dtype and device with _can_serve below: the
+    # ops skip those checks (the public triton_* functions keep them). "sinkhorn" is the public function
+    # itself, whose checks are cheap next to those of the others.
     _ops = {
         "sinkhorn": triton_sinkhorn.triton_sinkhorn,
-        "representation_stack": triton_sinkhorn.triton_representation_stack,
-        "grouped_sinkhorn": triton_sinkhorn.triton_grouped_sinkhorn,
+        "representation_stack": triton_sinkhorn.dispatched_representation_stack,
+        "grouped_sinkhorn": triton_sinkhorn.dispatched_grouped_sinkhorn,
     }
     try:
-        from symkernels.ops.triton_expansion import triton_expand_kernel
+        from symkernels.ops.triton_expansion import dispatched_expand_kernel
     except ImportError:
         pass
     else:
-        _ops["expand_kernel"] = triton_expand_kernel
+        _ops["expand_kernel"] = dispatched_expand_kernel
 
 
 def _can_serve(device: torch.device, dtype: torch.dtype) -> str | None:

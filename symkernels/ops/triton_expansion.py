@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from symkernels._checks import (
-    check_expansion,
-    check_same_device,
-    check_same_dtype,
-)
+from symkernels._checks import check_expansion
 from symkernels.triton_kernels.expansion import expand_backward_into, expand_forward_into, is_interpreted
 
 __all__ = ["SUPPORTED_DTYPES", "triton_expand_kernel"]
@@ -135,9 +131,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(reps, weight, kernel_size, out_dtype, channels_last, leading_identity) -> None:
-    check_expansion(reps, weight, kernel_size)
-    device = check_same_device({"reps": reps, "weight": weight})
-    dtype = check_same_dtype({"reps": reps, "weight": weight})
+    check_expansion(reps, weight, kernel_size)  # reps and weight share one device and dtype
+    device, dtype = weight.device, weight.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"reps and weight must be float16, bfloat16 or float32 for the triton expansion, got {dtype}; "
@@ -181,3 +176,9 @@ def triton_expand_kernel(
     """
     _check_inputs(reps, weight, kernel_size, out_dtype, channels_last, leading_identity)
     return _forward_op(reps, weight, kernel_size, out_dtype, channels_last, leading_identity)
+
+
+def dispatched_expand_kernel(reps: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The backend's ``expand_kernel`` op (registered by ``symkernels.ops.triton_backend``): the arguments
+    were checked by ``symkernels.expand_kernel``, the dtype and device by ``backends.resolve``."""
+    return _forward_op(reps, weight, kernel_size, None, False, False)

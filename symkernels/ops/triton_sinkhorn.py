@@ -26,9 +26,17 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import triton
 
-from symkernels._checks import check_positive_int, check_square_stack, check_tau, check_tensor
+from symkernels._checks import (
+    check_positive_int,
+    check_square_stack,
+    check_stack_list,
+    check_tau,
+    check_tensor,
+)
 from symkernels.ops.representation import prepend_identity
+from symkernels.triton_kernels.expansion import is_interpreted
 from symkernels.triton_kernels.sinkhorn import (
     chunked_backward_kernel,
     chunked_forward_kernel,
@@ -56,16 +64,8 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # every supported triton has the interpreter
-        return False
-    return isinstance(packed_forward_kernel, InterpretedFunction)
-
-
 # Triton decides when the kernels are decorated (at import) whether they run in its CPU interpreter.
-INTERPRETED = _interpreted()
+INTERPRETED = is_interpreted()
 
 # The scaling domain's limits in float32, as csrc/sinkhorn/common.h (ScalingLimits<float>): a matrix whose
 # logits / tau spread more than MAX_SPREAD within a row, or whose scalings leave e^±MAX_LOG_SCALING, is
@@ -127,7 +127,7 @@ def tuning(**changes: int) -> Iterator[Tuning]:
 
 def _block(n: int) -> int:
     """The smallest power of two >= max(n, 2)."""
-    return 1 << max(1, (n - 1).bit_length())
+    return triton.next_power_of_2(max(n, 2))
 
 
 def _floor_pow2(n: int) -> int:
@@ -175,7 +175,7 @@ def _stepped_rows(max_n: int) -> tuple[int, int]:
     """Rows per register tile and per program (a multiple of the former) of the stepped kernels."""
     block = _block(max_n)
     tile = min(block, _floor_pow2(_tuning.stepped_elements // block))
-    return tile, _cdiv(_tuning.stepped_slab_rows, tile) * tile
+    return tile, triton.cdiv(_tuning.stepped_slab_rows, tile) * tile
 
 
 def stepped_plan(max_n: int) -> dict[str, int]:
@@ -200,7 +200,7 @@ def _fused_forward(
         return p, cols, domain
     if max_n <= _tuning.packed_max_n:
         plan = packed_plan(max_n, num_matrices)
-        wrap_triton(packed_forward_kernel)[(_cdiv(num_matrices, plan["MB"]),)](
+        wrap_triton(packed_forward_kernel)[(triton.cdiv(num_matrices, plan["MB"]),)](
             x,
             p,
             cols,
@@ -250,7 +250,7 @@ def _fused_backward(
         return out
     if max_n <= _tuning.packed_max_n:
         plan = packed_plan(max_n, num_matrices)
-        wrap_triton(packed_backward_kernel)[(_cdiv(num_matrices, plan["MB"]),)](
+        wrap_triton(packed_backward_kernel)[(triton.cdiv(num_matrices, plan["MB"]),)](
             grad, x, cols, domain, meta, out, num_matrices, n_iter, max_n, tau, **plan
         )
     else:
@@ -326,10 +326,6 @@ def _stepped_backward(
         grad, x, out, cols, bars, partials, meta, programs, n_iter, max_n, num_programs, tau, **plan
     )
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -451,7 +447,7 @@ def _layout_tensors(
     for count, n in shapes:
         columns = [arange(count) * (n * n) + offset, ints(n, count)]
         if rows is not None:
-            slabs = _cdiv(n, rows)
+            slabs = triton.cdiv(n, rows)
             columns += [arange(count) * slabs + programs, ints(slabs, count)]
             slab = arange(count * slabs)
             begin = (slab % slabs) * rows
@@ -518,36 +514,13 @@ def _run_part(stacks: list[torch.Tensor], n_iter: int, tau: float, stepped: bool
     return [piece.view(count, n, n) for piece, (count, n) in zip(pieces, shapes, strict=True)]
 
 
-def triton_grouped_sinkhorn(
-    stacks: Sequence[torch.Tensor], n_iter: int = 20, tau: float = 1.0
-) -> list[torch.Tensor]:
-    """Sinkhorn of every stack ``[G_l, n_l, n_l]`` of ``stacks`` (sizes may differ) in one launch forward and
-    one backward; returns the list of doubly stochastic stacks, in the input dtype.
+def _check_size(tensor: torch.Tensor, name: str) -> None:
+    if tensor.shape[-1] < 1:
+        raise ValueError(f"{name} must have n >= 1, got shape {tuple(tensor.shape)}")
 
-    Stacks with ``n > current_tuning().fused_max_n`` are computed by the multi-program kernels (one launch
-    per iteration for all of them) instead.
-    """
-    if isinstance(stacks, torch.Tensor) or not isinstance(stacks, Sequence):
-        raise TypeError(f"stacks must be a sequence of [G, n, n] tensors, got {type(stacks).__name__}")
-    check_positive_int(n_iter, "n_iter")
-    tau = check_tau(tau)
-    stacks = list(stacks)
-    for index, stack in enumerate(stacks):
-        name = f"stacks[{index}]"
-        check_tensor(stack, name)
-        if stack.dim() != 3:
-            raise ValueError(f"{name} must have shape [G, n, n], got {tuple(stack.shape)}")
-        check_square_stack(stack, name)
-        if stack.shape[-1] < 1:
-            raise ValueError(f"{name} must have n >= 1, got shape {tuple(stack.shape)}")
-        if stack.dtype != stacks[0].dtype or stack.device != stacks[0].device:
-            raise ValueError(
-                f"{name} is {stack.dtype} on {stack.device} but stacks[0] is {stacks[0].dtype} on "
-                f"{stacks[0].device}; one grouped call takes stacks of one dtype and device"
-            )
-    if not stacks:
-        return []
-    _check_triton_tensor(stacks[0], "stacks")
+
+def _grouped(stacks: list[torch.Tensor], n_iter: int, tau: float) -> list[torch.Tensor]:
+    """The computation of checked, non-empty ``stacks``: fused and stepped stacks in one launch each."""
     results: list[torch.Tensor | None] = [None] * len(stacks)
     limit = _tuning.fused_max_n
     for stepped in (False, True):
@@ -558,16 +531,62 @@ def triton_grouped_sinkhorn(
     return results  # type: ignore[return-value]
 
 
+def _sinkhorn(logits: torch.Tensor, n_iter: int, tau: float) -> torch.Tensor:
+    n = logits.shape[-1]
+    (p,) = _grouped([logits.reshape(-1, n, n)], n_iter, tau)
+    return p.reshape(logits.shape)
+
+
+# The backend's ops (registered by symkernels.ops.triton_backend). Their callers (symkernels.functional and
+# symkernels.nn.grouped_sinkhorn) have checked the arguments, and backends.resolve the dtype and device
+# (triton_backend's can_serve): only the n >= 1 rule is left to check here.
+
+
+def dispatched_grouped_sinkhorn(stacks: list[torch.Tensor], n_iter: int, tau: float) -> list[torch.Tensor]:
+    """:func:`triton_grouped_sinkhorn` of a non-empty list checked by ``symkernels.nn.grouped_sinkhorn``."""
+    for index, stack in enumerate(stacks):
+        _check_size(stack, f"stacks[{index}]")
+    return _grouped(stacks, n_iter, tau)
+
+
+def dispatched_representation_stack(
+    logits: torch.Tensor, n_iter: int, tau: float, *, fix_identity: bool = True
+) -> torch.Tensor:
+    """:func:`triton_representation_stack` of logits checked by ``symkernels.representation_stack``."""
+    _check_size(logits, "logits")
+    stack = _sinkhorn(logits, n_iter, tau)
+    return prepend_identity(stack) if fix_identity else stack
+
+
+def triton_grouped_sinkhorn(
+    stacks: Sequence[torch.Tensor], n_iter: int = 20, tau: float = 1.0
+) -> list[torch.Tensor]:
+    """Sinkhorn of every stack ``[G_l, n_l, n_l]`` of ``stacks`` (sizes may differ) in one launch forward and
+    one backward; returns the list of doubly stochastic stacks, in the input dtype.
+
+    Stacks with ``n > current_tuning().fused_max_n`` are computed by the multi-program kernels (one launch
+    per iteration for all of them) instead.
+    """
+    stacks = check_stack_list(stacks)
+    check_positive_int(n_iter, "n_iter")
+    tau = check_tau(tau)
+    for index, stack in enumerate(stacks):
+        _check_size(stack, f"stacks[{index}]")
+    if not stacks:
+        return []
+    _check_triton_tensor(stacks[0], "stacks")
+    return _grouped(stacks, n_iter, tau)
+
+
 def triton_sinkhorn(logits: torch.Tensor, n_iter: int = 20, tau: float = 1.0) -> torch.Tensor:
     """``[..., n, n]`` logits → doubly stochastic matrices (float32 compute, input dtype out)."""
     check_tensor(logits, "logits")
     check_square_stack(logits, "logits")
     _check_triton_tensor(logits, "logits")
-    n = logits.shape[-1]
-    if n < 1:
-        raise ValueError(f"logits must have n >= 1, got shape {tuple(logits.shape)}")
-    (p,) = triton_grouped_sinkhorn([logits.reshape(-1, n, n)], n_iter, tau)
-    return p.reshape(logits.shape)
+    _check_size(logits, "logits")
+    check_positive_int(n_iter, "n_iter")
+    tau = check_tau(tau)
+    return _sinkhorn(logits, n_iter, tau)
 
 
 def triton_representation_stack(
