@@ -37,14 +37,14 @@ RESUMABLE_CHANGES = frozenset({"epochs"})
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
         "model": "wscnn",
-        "epochs": 30,
+        "epochs": 100,
         "batch_size": 32,
         "channels": 8,
         "num_layers": 4,
         "kernel_size": 5,
         "n_iter": 20,
         "lr": 3e-3,
-        "logits_lr": 1e-1,
+        "logits_lr": 3e-2,
         "weight_decay": 1e-4,
         "lambda_norm": 0.0,
         "lambda_ent": 0.0,
@@ -88,10 +88,10 @@ class TrainConfig:
 
     dataset: str = "digits"
     model: str = "wscnn"
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 32
     lr: float = 3e-3  # every parameter but the representation logits
-    logits_lr: float = 1e-1  # the representation logits Θ
+    logits_lr: float = 3e-2  # the representation logits Θ
     weight_decay: float = 1e-4  # AdamW, on all parameters (logits included)
     lambda_norm: float = 0.0
     lambda_ent: float = 0.0
