@@ -158,10 +158,7 @@ class ToyLayer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        with torch.random.fork_rng(devices=[]):  # the stack draws its init from the global generator
-            self.reps = DoublyStochasticStack(group_size, dim, n_iter, tau, fix_identity)
-        with torch.no_grad():  # the same U[0, 1) init, drawn from the caller's generator instead
-            self.reps.logits.copy_(torch.rand(self.reps.logits.shape, generator=generator))
+        self.reps = DoublyStochasticStack(group_size, dim, n_iter, tau, fix_identity, generator=generator)
         self.kernel = nn.Parameter(torch.zeros(1, channels, dim))
 
     def forward(self) -> torch.Tensor:

@@ -167,3 +167,13 @@ def test_doubly_stochastic_stack_shapes_and_identity():
     free = DoublyStochasticStack(4, 9, fix_identity=False)
     assert free.logits.shape == (4, 9, 9)
     assert DoublyStochasticStack(1, 4)().shape == (1, 4, 4)
+
+
+def test_doubly_stochastic_stack_init_from_a_generator_leaves_the_global_rng_alone():
+    before = torch.random.get_rng_state()
+    first = DoublyStochasticStack(4, 9, generator=torch.Generator().manual_seed(3)).logits.detach()
+    second = DoublyStochasticStack(4, 9, generator=torch.Generator().manual_seed(3)).logits.detach()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(first, second)
+    assert torch.equal(first, torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(3)))
+    assert float(first.min()) >= 0 and float(first.max()) < 1

@@ -283,6 +283,8 @@ PLAIN_CPU = textwrap.dedent(
     except ValueError as error:
         print("direct:", error)
     print("automatic:", symkernels.backends.resolve("sinkhorn", None, torch.device("cpu"), torch.float32))
+    status = symkernels.backend_status()["triton"]
+    print("status:", status.usable, status.detail)
     """
 )
 
@@ -298,6 +300,10 @@ def test_cpu_tensors_without_the_interpreter_are_a_clear_error():
     assert "TRITON_INTERPRET=1" in lines["dispatch"]
     assert "must be a CUDA tensor" in lines["direct"] and "TRITON_INTERPRET=1" in lines["direct"]
     assert "triton" not in lines["automatic"]
+    # Without a GPU the backend says it cannot be used, and why.
+    if not torch.cuda.is_available():
+        assert lines["status"].startswith("False no CUDA device is visible")
+        assert "TRITON_INTERPRET=1" in lines["status"]
 
 
 @pytest.mark.parametrize(

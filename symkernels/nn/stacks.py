@@ -13,7 +13,8 @@ class DoublyStochasticStack(nn.Module):
     """``group_size`` learned soft permutations of size ``dim × dim`` (method.md §3).
 
     With ``fix_identity`` the first element is the exact identity (a buffer) and only ``group_size − 1``
-    logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack.
+    logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack. The logits start
+    as ``U[0, 1)`` draws from ``generator`` (the global generator when None).
     """
 
     # Set while symkernels.nn.precompute_representations is active: this stack, computed with the others.
@@ -28,6 +29,7 @@ class DoublyStochasticStack(nn.Module):
         fix_identity: bool = True,
         *,
         check_finite: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.group_size = check_positive_int(group_size, "group_size")
@@ -37,7 +39,7 @@ class DoublyStochasticStack(nn.Module):
         self.fix_identity = bool(fix_identity)
         self.check_finite = bool(check_finite)
         learned = group_size - 1 if fix_identity else group_size
-        self.logits = nn.Parameter(torch.rand(learned, dim, dim))
+        self.logits = nn.Parameter(torch.rand(learned, dim, dim, generator=generator))
 
     def forward(self) -> torch.Tensor:
         if self._precomputed is not None:

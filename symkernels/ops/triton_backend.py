@@ -1,5 +1,7 @@
 """The ``triton`` backend of :mod:`symkernels.backends`: Triton kernels for CUDA tensors.
 
+Without a visible CUDA device the backend reports itself unusable (``symkernels info``, ``backend_status()``).
+
 Under ``TRITON_INTERPRET=1`` (read by Triton when the kernels are imported, i.e. with ``import symkernels``)
 the kernels run in Triton's CPU interpreter on CPU tensors. That is for debugging and tests, and slow, so the
 automatic choice never picks it: it serves CPU tensors only when asked for by name (``backend="triton"``,
@@ -27,6 +29,11 @@ except Exception as error:  # a broken triton install must not break `import sym
     _unavailable = f"the Triton kernels failed to load: {type(error).__name__}: {error}"
 else:
     _interpreted = triton_sinkhorn.INTERPRETED
+    if not _interpreted and not torch.cuda.is_available():
+        _unavailable = (
+            "no CUDA device is visible, and the Triton kernels run on CUDA tensors (set TRITON_INTERPRET=1 "
+            "before importing symkernels to run them in Triton's CPU interpreter)"
+        )
     # Every call comes through symkernels.functional or symkernels.nn.grouped_sinkhorn, which check the
     # arguments, and through backends.resolve, which checks the dtype and device with _can_serve below: the
     # ops skip those checks (the public triton_* functions keep them). "sinkhorn" is the public function
