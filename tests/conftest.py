@@ -17,3 +17,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip_cuda)
+
+
+# The Triton tests' devices (test_triton_*.py).
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton kernels run in this process: CPU under the interpreter, else the GPU."""
+    from symkernels.ops.triton_sinkhorn import INTERPRETED
+
+    if INTERPRETED:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("the triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported")
+
+
+@pytest.fixture
+def gpu() -> torch.device:
+    """The GPU, for Triton cases too big for the interpreter (the ``cuda`` marker skips them without one)."""
+    from symkernels.ops.triton_sinkhorn import INTERPRETED
+
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels run interpreted on CPU tensors in this process")
+    return torch.device("cuda")

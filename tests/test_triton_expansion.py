@@ -28,28 +28,9 @@ from symkernels.triton_kernels.expansion import (  # noqa: E402
     backward_plan,
     expand_backward_into,
     expand_forward_into,
-    is_interpreted,
 )
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture
-def device() -> torch.device:
-    """Where the kernels run in this process: CPU under the interpreter, else the GPU."""
-    if is_interpreted():
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("the triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported")
-
-
-@pytest.fixture
-def gpu() -> torch.device:
-    """The GPU, for cases too large for the interpreter (the ``cuda`` marker skips them without one)."""
-    if is_interpreted():
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernels run interpreted on CPU tensors in this process")
-    return torch.device("cuda")
 
 
 def make_inputs(groups: int, in_groups: int, k: int, out_channels: int, in_channels: int, seed: int = 0):

@@ -31,24 +31,6 @@ from symkernels.ops import triton_sinkhorn as ts  # noqa: E402
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture
-def device() -> torch.device:
-    """Where the kernels run in this process: CPU under the interpreter, else the GPU."""
-    if ts.INTERPRETED:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("the triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported")
-
-
-@pytest.fixture
-def gpu() -> torch.device:
-    """The GPU, for cases too large for the interpreter (the ``cuda`` marker skips them without one)."""
-    if ts.INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernels run interpreted on CPU tensors in this process")
-    return torch.device("cuda")
-
-
 # Tuning overrides that send small matrices through each kernel layout (BN = 8 for n = 5..8: the chunked
 # kernel walks 2 chunks of 4 rows, the stepped one 2 programs of 2 tiles of 2 rows).
 LAYOUTS = {
