@@ -8,8 +8,7 @@ Two operators:
   ``(R̄, θ̄)`` from one launch (two when the ``R̄`` reduction is split), with deterministic reductions.
 
 On a GPU they are ``torch.library.triton_op``s, so ``torch.compile`` sees the Triton kernels; under the
-Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors), where ``wrap_triton`` cannot trace, they are plain
-custom ops that launch the kernels directly, with an explicit fake implementation.
+Triton interpreter, plain custom ops (:mod:`symkernels.ops.triton_registration`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from symkernels._checks import check_expansion
-from symkernels.triton_kernels.expansion import expand_backward_into, expand_forward_into, is_interpreted
+from symkernels.ops.triton_registration import INTERPRETED, define_op, wrap_triton
+from symkernels.triton_kernels.expansion import expand_backward_into, expand_forward_into
 
 __all__ = ["SUPPORTED_DTYPES", "triton_expand_kernel"]
 
@@ -51,67 +51,39 @@ def _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_i
     )
 
 
-def _forward_factory(wrap):
-    def forward(reps, weight, kernel_size, out_dtype, channels_last, leading_identity):
-        kernel = _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_identity)
-        expand_forward_into(reps, weight, kernel, kernel_size, leading_identity=leading_identity, wrap=wrap)
-        return kernel
-
-    return forward
-
-
-def _backward_factory(wrap):
-    def backward(grad, reps, weight, kernel_size, leading_identity):
-        grad_reps = torch.empty(reps.shape, dtype=reps.dtype, device=reps.device)
-        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        expand_backward_into(
-            grad,
-            reps,
-            weight,
-            grad_reps,
-            grad_weight,
-            kernel_size,
-            leading_identity=leading_identity,
-            wrap=wrap,
-        )
-        return grad_reps, grad_weight
-
-    return backward
-
-
-def _define_ops():
-    if is_interpreted():
-        # The interpreter runs on CPU tensors and wrap_triton cannot trace it: opaque custom ops.
-        def no_wrap(kernel):
-            return kernel
-
-        forward = torch.library.custom_op(
-            _FORWARD, _forward_factory(no_wrap), mutates_args=(), schema=_FORWARD_SCHEMA
-        )
-        backward = torch.library.custom_op(
-            _BACKWARD, _backward_factory(no_wrap), mutates_args=(), schema=_BACKWARD_SCHEMA
-        )
-        forward.register_fake(_empty_kernel)
-
-        @backward.register_fake
-        def _(grad, reps, weight, kernel_size, leading_identity):
-            return torch.empty_like(reps, memory_format=torch.contiguous_format), torch.empty_like(
-                weight, memory_format=torch.contiguous_format
-            )
-
-        return forward, backward
-    # triton_op registers the function itself as the fake implementation (wrap_triton traces the launches).
-    wrap = torch.library.wrap_triton
-    forward = torch.library.triton_op(
-        _FORWARD, _forward_factory(wrap), mutates_args=(), schema=_FORWARD_SCHEMA
+def _forward_impl(reps, weight, kernel_size, out_dtype, channels_last, leading_identity):
+    kernel = _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_identity)
+    expand_forward_into(
+        reps, weight, kernel, kernel_size, leading_identity=leading_identity, wrap=wrap_triton
     )
-    backward = torch.library.triton_op(
-        _BACKWARD, _backward_factory(wrap), mutates_args=(), schema=_BACKWARD_SCHEMA
+    return kernel
+
+
+def _backward_impl(grad, reps, weight, kernel_size, leading_identity):
+    grad_reps = torch.empty(reps.shape, dtype=reps.dtype, device=reps.device)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    expand_backward_into(
+        grad,
+        reps,
+        weight,
+        grad_reps,
+        grad_weight,
+        kernel_size,
+        leading_identity=leading_identity,
+        wrap=wrap_triton,
     )
-    return forward, backward
+    return grad_reps, grad_weight
 
 
-_forward_op, _backward_op = _define_ops()
+def _backward_fake(grad, reps, weight, kernel_size, leading_identity):
+    return (
+        torch.empty_like(reps, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+_forward_op = define_op(_FORWARD, _FORWARD_SCHEMA, _forward_impl, _empty_kernel)
+_backward_op = define_op(_BACKWARD, _BACKWARD_SCHEMA, _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -143,7 +115,7 @@ def _check_inputs(reps, weight, kernel_size, out_dtype, channels_last, leading_i
     for name, flag in (("channels_last", channels_last), ("leading_identity", leading_identity)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if is_interpreted():
+    if INTERPRETED:
         if device.type != "cpu":
             raise ValueError(f"under TRITON_INTERPRET=1 reps and weight must be CPU tensors, got {device}")
     elif device.type != "cuda":

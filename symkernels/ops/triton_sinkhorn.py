@@ -13,9 +13,8 @@ T-step map):
   ``..._backward(grad, x, meta, cols, domain, max_n, tau) -> grad_x``;
 * ``symkernels::triton_sinkhorn_stepped_forward(x, meta, programs, max_n, n_iter, tau)`` and its backward.
 
-On a GPU they are ``torch.library.triton_op``s, so ``torch.compile`` sees the Triton kernels; under the Triton
-interpreter (``TRITON_INTERPRET=1`` set before triton is imported; CPU tensors), where ``wrap_triton`` cannot
-trace, they are plain custom ops that launch the kernels directly, with an explicit fake implementation.
+On a GPU they are ``torch.library.triton_op``s, so ``torch.compile`` sees the Triton kernels; under the
+Triton interpreter, plain custom ops (:mod:`symkernels.ops.triton_registration`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -36,7 +35,7 @@ from symkernels._checks import (
     check_tensor,
 )
 from symkernels.ops.representation import prepend_identity
-from symkernels.triton_kernels.expansion import is_interpreted
+from symkernels.ops.triton_registration import INTERPRETED, define_op, wrap_triton
 from symkernels.triton_kernels.sinkhorn import (
     chunked_backward_kernel,
     chunked_forward_kernel,
@@ -63,9 +62,6 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-
-# Triton decides when the kernels are decorated (at import) whether they run in its CPU interpreter.
-INTERPRETED = is_interpreted()
 
 # The scaling domain's limits in float32, as csrc/sinkhorn/common.h (ScalingLimits<float>): a matrix whose
 # logits / tau spread more than MAX_SPREAD within a row, or whose scalings leave e^±MAX_LOG_SCALING, is
@@ -137,19 +133,6 @@ def _floor_pow2(n: int) -> int:
 def _num_warps(elements: int, per_thread: int = 16) -> int:
     # About `per_thread` values of a tile per thread, between 1 and 16 warps.
     return max(1, min(16, elements // (32 * per_thread)))
-
-
-if INTERPRETED:
-
-    def wrap_triton(kernel):
-        """Under the interpreter the ops launch their kernels directly (``torch.library.wrap_triton`` cannot
-        trace an interpreted kernel)."""
-        return kernel
-
-else:
-    # On a GPU every launch goes through wrap_triton, so torch.compile traces the kernels (and
-    # torch.library.triton_op finds them by this name in the op bodies).
-    from torch.library import wrap_triton
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -355,29 +338,20 @@ def _forward_fake(x, meta, max_n, n_iter, tau):
     return torch.empty_like(x), cols, x.new_empty((num_matrices,), dtype=torch.int32)
 
 
-def _define(name: str, schema: str, impl: Callable, fake: Callable):
-    if INTERPRETED:
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
-        op.register_fake(fake)
-        return op
-    # triton_op registers the function itself as the fake implementation (wrap_triton traces the launches).
-    return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
-
-
-_fused_forward_op = _define(_FUSED_FORWARD, _FUSED_FORWARD_SCHEMA, _fused_forward, _forward_fake)
-_fused_backward_op = _define(
+_fused_forward_op = define_op(_FUSED_FORWARD, _FUSED_FORWARD_SCHEMA, _fused_forward, _forward_fake)
+_fused_backward_op = define_op(
     _FUSED_BACKWARD,
     _FUSED_BACKWARD_SCHEMA,
     _fused_backward,
     lambda grad, x, meta, cols, domain, max_n, tau: torch.empty_like(x),
 )
-_stepped_forward_op = _define(
+_stepped_forward_op = define_op(
     _STEPPED_FORWARD,
     _STEPPED_FORWARD_SCHEMA,
     _stepped_forward,
     lambda x, meta, programs, max_n, n_iter, tau: _forward_fake(x, meta, max_n, n_iter, tau),
 )
-_stepped_backward_op = _define(
+_stepped_backward_op = define_op(
     _STEPPED_BACKWARD,
     _STEPPED_BACKWARD_SCHEMA,
     _stepped_backward,
