@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> torch.device:
     """Where the Triton kernels run in this process: CPU under the interpreter, else the GPU."""
-    from symkernels.ops.triton_sinkhorn import INTERPRETED
+    from symkernels.ops.triton_registration import INTERPRETED
 
     if INTERPRETED:
         return torch.device("cpu")
@@ -35,7 +35,7 @@ def device() -> torch.device:
 @pytest.fixture
 def gpu() -> torch.device:
     """The GPU, for Triton cases too big for the interpreter (the ``cuda`` marker skips them without one)."""
-    from symkernels.ops.triton_sinkhorn import INTERPRETED
+    from symkernels.ops.triton_registration import INTERPRETED
 
     if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: the kernels run interpreted on CPU tensors in this process")
