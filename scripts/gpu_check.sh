@@ -1,33 +1,35 @@
 #!/usr/bin/env bash
 # One pass over a GPU machine: build, `symkernels info`, the cuda/triton tests, the GPU benchmark and a short
-# training run.
+# training run, within a time budget. Without a visible CUDA device the GPU stages are skipped (each says why),
+# so the pass can be rehearsed on a CPU machine (scripts/test_gpu_stack.sh does, in CI).
 #
 #   OUT=DIR bash scripts/gpu_check.sh        (default DIR: bench/results/gpu-<UTC date and time>)
 #
-# Everything goes under $OUT: env.txt (device, driver, versions, commit), one log per stage, stages.tsv
-# (stage, exit status, seconds), pytest-gpu.xml, bench/ (rows.jsonl, gpu-bench.json, gpu-bench.md) and
-# summary.md. Each stage runs under `timeout` and the whole pass keeps within GPU_CHECK_BUDGET_S seconds
-# (default 470, about 8 minutes): a stage that fails or times out is recorded and the next one runs.
+# What is left in $OUT is small, because a GPU machine sends back at most 8 files, 2 folders deep:
+#   summary.md      what ran, passed, failed and was measured (readable alone);
+#   stages.tsv      stage, exit status, seconds, note;
+#   results.tar.gz  everything else: env.txt (device, driver, versions, commit), one log per stage,
+#                   pytest-gpu.xml, bench/ (rows.jsonl, gpu-bench.json, gpu-bench.md), train/ (metrics, figures).
+# Each stage runs under `timeout` and the whole pass keeps within GPU_CHECK_BUDGET_S seconds (default 470,
+# about 8 minutes): a stage that fails or times out is recorded and the next one runs.
 #
-# Knobs: PYTHON (default: python, else python3), MAX_JOBS (parallel compile jobs, default 16),
-# GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP_BUILD=1 (use the installed build), GPU_CHECK_FULL_SUITE=1 (also run the
-# whole test suite if time is left).
+# Knobs: PYTHON (default: python3, the interpreter that holds torch on the GPU machines), MAX_JOBS (parallel
+# compile jobs, default 16), GPU_CHECK_BUDGET_S, GPU_CHECK_BUILD_S (the build's limit, default 240),
+# GPU_CHECK_SKIP_BUILD=1 (use the installed build), GPU_CHECK_FULL_SUITE=1 (also run the whole test suite if
+# time is left), SYMKERNELS_COMMIT (recorded as the commit; default: from git).
+# Python packages the machine lacks can travel as wheels in .whl/ (scripts/gpu_wheels.sh fetches them): they are
+# installed into a private folder on PYTHONPATH first.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 OUT="${OUT:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")" # full logs; packed into results.tar.gz at the end
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 REPORT_RESERVE_S=25 # kept back for the final report
 START_S=$(date +%s)
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif command -v python >/dev/null 2>&1; then
-  PY=python
-else
-  PY=python3
-fi
+PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONUNBUFFERED=1
 # The kernels must be compiled for the GPU here, never run in Triton's CPU interpreter.
@@ -37,7 +39,9 @@ printf 'stage\tstatus\tseconds\tnote\n' >"$OUT/stages.tsv"
 
 remaining() { echo $((BUDGET_S - ($(date +%s) - START_S))); }
 
-# stage NAME MAX_SECONDS COMMAND...: run COMMAND with stdout+stderr in $OUT/NAME.log, under a timeout of at
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$OUT/stages.tsv"; }
+
+# stage NAME MAX_SECONDS COMMAND...: run COMMAND with stdout+stderr in $WORK/NAME.log, under a timeout of at
 # most MAX_SECONDS and never past the budget; record its status. Never stops the script.
 stage() {
   local name="$1" max="$2"
@@ -46,23 +50,44 @@ stage() {
   left=$(($(remaining) - REPORT_RESERVE_S))
   limit=$((max < left ? max : left))
   if ((limit < 10)); then
-    printf '%s\tskipped\t0\tbudget spent (%ss left)\n' "$name" "$left" >>"$OUT/stages.tsv"
+    record "$name" skipped 0 "budget spent (${left}s left)"
     echo "gpu_check: $name skipped: budget spent"
     return 0
   fi
   echo "gpu_check: $name (limit ${limit}s)"
   began=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
   note=""
   if ((rc == 124 || rc == 137)); then note="timed out after ${limit}s"; fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - began))" "$note" >>"$OUT/stages.tsv"
+  record "$name" "$rc" "$(($(date +%s) - began))" "$note"
   echo "gpu_check: $name exit $rc $note"
   return 0
 }
 
+# gpu_stage: a stage that needs a CUDA device; without one it is recorded as skipped, with the reason.
+gpu_stage() {
+  if [[ "$HAS_GPU" != "1" ]]; then
+    record "$1" skipped 0 "no CUDA device visible"
+    echo "gpu_check: $1 skipped: no CUDA device visible"
+    return 0
+  fi
+  stage "$@"
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site="$WORK/site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu_check: installing the wheels in .whl/ failed; going on without them"
+  fi
+fi
+
 # The commit, or a fingerprint of the sources where the checkout has no git metadata.
-if COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+if [[ -n "${SYMKERNELS_COMMIT:-}" ]]; then
+  COMMIT="$SYMKERNELS_COMMIT"
+elif COMMIT=$(git rev-parse HEAD 2>/dev/null); then
   [[ -n "$(git status --porcelain 2>/dev/null)" ]] && COMMIT="$COMMIT+dirty"
 else
   COMMIT="unknown (no git); sources sha256 $(find symkernels triton_kernels csrc bench tests setup.py \
@@ -71,6 +96,7 @@ else
 fi
 export SYMKERNELS_COMMIT="$COMMIT"
 
+HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $COMMIT"
@@ -78,11 +104,11 @@ export SYMKERNELS_COMMIT="$COMMIT"
   "$PY" - <<'PYEOF' 2>&1
 import torch
 print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
-try:
-    import triton
-    print("triton:", triton.__version__)
-except Exception as error:
-    print("triton: unavailable:", error)
+for name in ("triton", "numpy"):
+    try:
+        print(f"{name}:", __import__(name).__version__)
+    except Exception as error:
+        print(f"{name}: unavailable:", error)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
@@ -92,28 +118,29 @@ else:
 PYEOF
   echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
   nvidia-smi 2>&1 || echo "nvidia-smi unavailable"
-} >"$OUT/env.txt" 2>&1
-printf 'env\t0\t%s\t\n' "$(($(date +%s) - START_S))" >>"$OUT/stages.tsv"
+} >"$WORK/env.txt" 2>&1
+record env 0 "$(($(date +%s) - START_S))" ""
 
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" != "1" ]]; then
-  stage build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+  stage build "${GPU_CHECK_BUILD_S:-240}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 stage info 60 "$PY" -m symkernels info
 
 # All failures are listed (no -x): this pass may be the only one on a GPU. The sm_90 compile check is the
 # no-GPU stand-in for what this machine does for real.
-stage tests 150 "$PY" -m pytest -m "cuda or triton" -q -rfEs -p no:cacheprovider --maxfail=25 \
+gpu_stage tests 150 "$PY" -m pytest -m "cuda or triton" -q -rfEs -p no:cacheprovider --maxfail=25 \
   --deselect tests/test_triton_expansion.py::test_kernels_compile_for_hopper \
-  --junitxml="$OUT/pytest-gpu.xml"
+  --junitxml="$WORK/pytest-gpu.xml"
 
-BENCH="$OUT/bench"
+BENCH="$WORK/bench"
 # Each benchmark process stops starting cases 20 s before its stage's limit, then writes its report.
 bench_stage() {
   local name="$1" max="$2" sections="$3"
   local left limit
   left=$(($(remaining) - REPORT_RESERVE_S))
   limit=$((max < left ? max : left))
-  stage "$name" "$max" "$PY" bench/gpu.py --out "$BENCH" --sections "$sections" --budget-s $((limit > 40 ? limit - 20 : 20))
+  gpu_stage "$name" "$max" "$PY" bench/gpu.py --out "$BENCH" --sections "$sections" \
+    --budget-s $((limit > 40 ? limit - 20 : 20))
 }
 bench_stage bench-main 130 bandwidth,sinkhorn,expansion
 bench_stage bench-profile 70 profile
@@ -121,9 +148,9 @@ bench_stage bench-profile 70 profile
 # its goal rows first.
 bench_stage bench-compiled 150 compiled
 
-# Training on the GPU end to end: the digits default for a few epochs.
-stage train 60 "$PY" -m symkernels train --device cuda --quiet --epochs 5 --out "$OUT/train"
-rm -f "$OUT"/train/checkpoint.pt # the metrics, config and figures are the result; checkpoints stay out of git
+# Training on the GPU end to end: the default data set for a few epochs.
+gpu_stage train 60 "$PY" -m symkernels train --device cuda --quiet --epochs 5 --out "$WORK/train"
+rm -f "$WORK"/train/checkpoint.pt # the metrics, config and figures are the result; checkpoints stay out of git
 
 if [[ "${GPU_CHECK_FULL_SUITE:-0}" == "1" ]]; then
   stage tests-full 300 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not slow"
@@ -131,26 +158,35 @@ fi
 
 # The report from every row recorded, even when a benchmark stage was cut short.
 REPORT_RESERVE_S=0
-stage bench-report 30 "$PY" bench/gpu.py --out "$BENCH" --report-only
+if [[ -f "$BENCH/rows.jsonl" ]]; then
+  stage bench-report 30 "$PY" bench/gpu.py --out "$BENCH" --report-only
+fi
 
 {
   echo "# GPU check"
   echo
   echo "Commit: $COMMIT. Total: $(($(date +%s) - START_S)) s of a ${BUDGET_S} s budget."
   echo
-  grep -E '^(device|torch|triton):' "$OUT/env.txt" | sed 's/^/- /'
+  grep -E '^(device|torch|triton|numpy):' "$WORK/env.txt" | sed 's/^/- /'
   echo
   echo "| stage | status | seconds | note |"
   echo "|---|---|---|---|"
   tail -n +2 "$OUT/stages.tsv" | awk -F'\t' '{ printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4 }'
   echo
-  if [[ -f "$OUT/tests.log" ]]; then
-    echo "Tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+  for log in "$WORK"/tests*.log; do
+    [[ -f "$log" ]] || continue
+    echo "$(basename "$log" .log): $(grep -E ' (passed|failed|error|skipped|deselected)' "$log" | tail -n 1 | tr -d '=')"
+    grep -E '^(FAILED|ERROR) ' "$log" | head -n 25 | sed 's/^/- /'
     echo
-  fi
+  done
   if [[ -f "$BENCH/gpu-bench.md" ]]; then
     sed -n '/^## Goals/,/^## Sinkhorn/p' "$BENCH/gpu-bench.md" | sed '$d'
   fi
+  failed=$(tail -n +2 "$OUT/stages.tsv" | awk -F'\t' '$2 != "0" && $2 != "skipped" { print $1 }' | paste -sd, -)
+  echo
+  echo "Failed stages: ${failed:-none}. Full logs and results: results.tar.gz."
 } >"$OUT/summary.md"
+tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude=site .
+rm -rf "$WORK"
 cat "$OUT/summary.md"
 echo "gpu_check: results in $OUT"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.linalg import lstsq
-from scipy.optimize import linear_sum_assignment
-from threadpoolctl import threadpool_limits
+
+# scipy and threadpoolctl are imported where they are used: `import symkernels` needs neither.
 
 __all__ = ["decompose", "decomposition_residual", "nearest_permutation", "nearest_permutation_indices"]
 
@@ -55,6 +54,8 @@ def _affine_minimizer(points: np.ndarray) -> np.ndarray:
     Solved as least squares ``min ||p_0 + sum_i b_i (p_i - p_0)||`` (SVD): accurate relative to the residual,
     and one of the minimisers when the points are affinely dependent.
     """
+    from scipy.linalg import lstsq
+
     if points.shape[0] == 1:
         return np.ones(1)
     edges = (points[1:] - points[0]).T
@@ -125,6 +126,8 @@ def decompose(reps: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
     Returns float64 coefficients ``[N, K]`` (``[K]`` for a single matrix) on the device of ``reps``.
     """
+    from threadpoolctl import threadpool_limits
+
     reps3, basis, single = _prepare(reps, basis)
     n, k, d = reps3.shape[0], basis.shape[0], basis.shape[-1]
     flat_basis = basis.detach().to(device="cpu", dtype=torch.float64).reshape(k, d * d)
@@ -168,6 +171,8 @@ def nearest_permutation_indices(reps: torch.Tensor) -> torch.Tensor:
     ``reps``: ``[..., d, d]`` real. Returns int64 ``[..., d]`` on the same device; ``sigma[..., i]`` is the
     column matched to row ``i``.
     """
+    from scipy.optimize import linear_sum_assignment
+
     reps = _check_tensor("reps", reps, floating=False)
     if reps.dim() < 2:
         raise ValueError(f"reps must have shape [..., d, d], got {tuple(reps.shape)}")

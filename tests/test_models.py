@@ -31,6 +31,7 @@ def test_logit_count_formula():
     assert parameter_counts(model)["logits"] == 1 * 3**4 + 2 * 1 * 2**2 * 3**4
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "model_cls,shape",
     [

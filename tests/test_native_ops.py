@@ -34,6 +34,7 @@ def reference_and_native(logits, n_iter, tau, grad):
     return results
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", SIZES)
 def test_sinkhorn_matches_reference(n, dtype):
@@ -64,6 +65,7 @@ def test_low_precision_inputs_computed_in_float32(dtype):
     torch.testing.assert_close(p.float(), sinkhorn_reference(logits.float()), **TOLERANCES[dtype])
 
 
+@pytest.mark.smoke
 def test_gradcheck_native_sinkhorn_and_expansion():
     logits = make_logits(2, 6, 6, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: symkernels.sinkhorn(t, 5, 0.7, backend="cpu"), (logits,))
@@ -74,6 +76,7 @@ def test_gradcheck_native_sinkhorn_and_expansion():
     )
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "groups,in_groups,k,out_channels,in_channels",
@@ -106,6 +109,7 @@ def test_expansion_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+@pytest.mark.smoke
 def test_opcheck_every_op():
     logits = make_logits(3, 7, 7, dtype=torch.float64).requires_grad_()
     p, f, g = torch.ops.symkernels.sinkhorn_forward(logits.detach(), 4, 0.5)

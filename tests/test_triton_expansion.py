@@ -97,6 +97,7 @@ TINY_SHAPES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "dtype,leading_identity",
     [(torch.float32, False), (torch.float32, True), (torch.float16, False)],

@@ -21,9 +21,9 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -121,6 +121,16 @@ SYMKERNELS_INLINE A horner(A r) {
   }
 }
 
+// std::bit_cast is C++20, and torch 2.11 builds extensions as C++17. memcpy of a register-sized value compiles to
+// a move, so the vectoriser sees the same code.
+template <typename To, typename From>
+SYMKERNELS_INLINE To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 template <typename A>
 SYMKERNELS_INLINE A fast_exp(A x) {
   using C = ExpConstants<A>;
@@ -131,13 +141,13 @@ SYMKERNELS_INLINE A fast_exp(A x) {
   const A k = t - C::shifter;
   const A r = (x - k * C::ln2_hi) - k * C::ln2_lo;
   const A p = horner<A, 0, C::degree>(r);
-  const Bits e = std::bit_cast<Bits>(t) - std::bit_cast<Bits>(C::shifter) + C::bias;
-  const A scale = std::bit_cast<A>(static_cast<Bits>(e << C::mantissa_bits));
+  const Bits e = bit_cast<Bits>(t) - bit_cast<Bits>(C::shifter) + C::bias;
+  const A scale = bit_cast<A>(static_cast<Bits>(e << C::mantissa_bits));
   const Bits keep = -static_cast<Bits>(!(x < C::lo));  // all ones unless exp(x) underflows (NaN: kept, stays NaN)
   const Bits over = -static_cast<Bits>(x > C::hi);     // all ones where exp(x) overflows
-  const Bits inf = std::bit_cast<Bits>(std::numeric_limits<A>::infinity());
-  const Bits y = (std::bit_cast<Bits>(p * scale) & keep & ~over) | (inf & over);
-  return std::bit_cast<A>(y);
+  const Bits inf = bit_cast<Bits>(std::numeric_limits<A>::infinity());
+  const Bits y = (bit_cast<Bits>(p * scale) & keep & ~over) | (inf & over);
+  return bit_cast<A>(y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

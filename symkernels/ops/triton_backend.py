@@ -20,6 +20,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _ops: dict = {}
 _unavailable: str | None = None
+_partial: str | None = None  # why an op is missing from a backend that otherwise loaded
 _interpreted = False
 try:
     from symkernels.ops import triton_sinkhorn
@@ -28,7 +29,10 @@ except ImportError as error:
 except Exception as error:  # a broken triton install must not break `import symkernels`
     _unavailable = f"the Triton kernels failed to load: {type(error).__name__}: {error}"
 else:
+    from symkernels.ops.triton_registration import interpreter_problem
+
     _interpreted = triton_sinkhorn.INTERPRETED
+    _unavailable = interpreter_problem()
     if not _interpreted and not torch.cuda.is_available():
         _unavailable = (
             "no CUDA device is visible, and the Triton kernels run on CUDA tensors (set TRITON_INTERPRET=1 "
@@ -45,8 +49,8 @@ else:
     }
     try:
         from symkernels.ops.triton_expansion import dispatched_expand_kernel
-    except ImportError:
-        pass
+    except Exception as error:  # an op this torch/triton cannot register must not break the others
+        _partial = f"expand_kernel unavailable: {type(error).__name__}: {error}"
     else:
         _ops["expand_kernel"] = dispatched_expand_kernel
 
@@ -76,7 +80,7 @@ _DESCRIPTION = (
     "Triton kernels in the CPU interpreter (TRITON_INTERPRET=1; fp16/bf16/fp32, chosen by name only)"
     if _interpreted
     else "Triton kernels (CUDA; fp16/bf16 computed in fp32, fp32)"
-)
+) + (f"; {_partial}" if _partial else "")
 
 backends.register_backend(
     "triton",

@@ -25,13 +25,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _FORWARD = "symkernels::triton_expand_kernel"
 _BACKWARD = "symkernels::triton_expand_kernel_backward"
-_FORWARD_SCHEMA = (
-    "(Tensor reps, Tensor weight, int kernel_size, ScalarType? out_dtype, bool channels_last, "
-    "bool leading_identity) -> Tensor"
-)
-_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor reps, Tensor weight, int kernel_size, bool leading_identity) -> (Tensor, Tensor)"
-)
 
 
 def _kernel_shape(reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, leading_identity: bool):
@@ -41,7 +34,14 @@ def _kernel_shape(reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, le
     return out_channels * groups, in_channels * in_groups, kernel_size, kernel_size
 
 
-def _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_identity) -> torch.Tensor:
+def _empty_kernel(
+    reps: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: int,
+    out_dtype: torch.dtype | None,
+    channels_last: bool,
+    leading_identity: bool,
+) -> torch.Tensor:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(
         _kernel_shape(reps, weight, kernel_size, leading_identity),
@@ -51,7 +51,14 @@ def _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_i
     )
 
 
-def _forward_impl(reps, weight, kernel_size, out_dtype, channels_last, leading_identity):
+def _forward_impl(
+    reps: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: int,
+    out_dtype: torch.dtype | None,
+    channels_last: bool,
+    leading_identity: bool,
+) -> torch.Tensor:
     kernel = _empty_kernel(reps, weight, kernel_size, out_dtype, channels_last, leading_identity)
     expand_forward_into(
         reps, weight, kernel, kernel_size, leading_identity=leading_identity, wrap=wrap_triton
@@ -59,7 +66,9 @@ def _forward_impl(reps, weight, kernel_size, out_dtype, channels_last, leading_i
     return kernel
 
 
-def _backward_impl(grad, reps, weight, kernel_size, leading_identity):
+def _backward_impl(
+    grad: torch.Tensor, reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, leading_identity: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     grad_reps = torch.empty(reps.shape, dtype=reps.dtype, device=reps.device)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     expand_backward_into(
@@ -82,8 +91,8 @@ def _backward_fake(grad, reps, weight, kernel_size, leading_identity):
     )
 
 
-_forward_op = define_op(_FORWARD, _FORWARD_SCHEMA, _forward_impl, _empty_kernel)
-_backward_op = define_op(_BACKWARD, _BACKWARD_SCHEMA, _backward_impl, _backward_fake)
+_forward_op = define_op(_FORWARD, _forward_impl, _empty_kernel)
+_backward_op = define_op(_BACKWARD, _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

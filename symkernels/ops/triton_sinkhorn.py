@@ -318,18 +318,6 @@ _FUSED_FORWARD = "symkernels::triton_sinkhorn_fused_forward"
 _FUSED_BACKWARD = "symkernels::triton_sinkhorn_fused_backward"
 _STEPPED_FORWARD = "symkernels::triton_sinkhorn_stepped_forward"
 _STEPPED_BACKWARD = "symkernels::triton_sinkhorn_stepped_backward"
-_FUSED_FORWARD_SCHEMA = (
-    "(Tensor x, Tensor meta, int max_n, int n_iter, float tau) -> (Tensor, Tensor, Tensor)"
-)
-_FUSED_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor x, Tensor meta, Tensor cols, Tensor domain, int max_n, float tau) -> Tensor"
-)
-_STEPPED_FORWARD_SCHEMA = (
-    "(Tensor x, Tensor meta, Tensor programs, int max_n, int n_iter, float tau) -> (Tensor, Tensor, Tensor)"
-)
-_STEPPED_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor x, Tensor meta, Tensor programs, Tensor cols, int max_n, float tau) -> Tensor"
-)
 
 
 def _forward_fake(x, meta, max_n, n_iter, tau):
@@ -338,22 +326,19 @@ def _forward_fake(x, meta, max_n, n_iter, tau):
     return torch.empty_like(x), cols, x.new_empty((num_matrices,), dtype=torch.int32)
 
 
-_fused_forward_op = define_op(_FUSED_FORWARD, _FUSED_FORWARD_SCHEMA, _fused_forward, _forward_fake)
+_fused_forward_op = define_op(_FUSED_FORWARD, _fused_forward, _forward_fake)
 _fused_backward_op = define_op(
     _FUSED_BACKWARD,
-    _FUSED_BACKWARD_SCHEMA,
     _fused_backward,
     lambda grad, x, meta, cols, domain, max_n, tau: torch.empty_like(x),
 )
 _stepped_forward_op = define_op(
     _STEPPED_FORWARD,
-    _STEPPED_FORWARD_SCHEMA,
     _stepped_forward,
     lambda x, meta, programs, max_n, n_iter, tau: _forward_fake(x, meta, max_n, n_iter, tau),
 )
 _stepped_backward_op = define_op(
     _STEPPED_BACKWARD,
-    _STEPPED_BACKWARD_SCHEMA,
     _stepped_backward,
     lambda grad, x, meta, programs, cols, max_n, tau: torch.empty_like(x),
 )

@@ -5,11 +5,32 @@ reads one back and :func:`export_run` exports its model. :class:`TrainConfig` ho
 per-dataset defaults (:data:`DATASET_DEFAULTS`); :class:`RuntimeOptions` says how it executes.
 """
 
+import importlib
+from typing import Any
+
 from symkernels.training.config import DATASET_DEFAULTS, MODELS, RuntimeOptions, TrainConfig
-from symkernels.training.exporting import ExportReport, export_run
 from symkernels.training.interrupt import TrainingInterruptedError
-from symkernels.training.loop import TIMING_KEYS, TrainResult, evaluate, resume, train
-from symkernels.training.runs import LoadedRun, RunPaths, load_run
+
+# The rest is imported on first use: it needs the command line's packages (scipy, tqdm, ...), which
+# `symkernels info` and the config alone do not.
+_LAZY = {
+    "ExportReport": "exporting",
+    "export_run": "exporting",
+    "TIMING_KEYS": "loop",
+    "TrainResult": "loop",
+    "evaluate": "loop",
+    "resume": "loop",
+    "train": "loop",
+    "LoadedRun": "runs",
+    "RunPaths": "runs",
+    "load_run": "runs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"symkernels.training.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'symkernels.training' has no attribute {name!r}")
 
 __all__ = [
     "DATASET_DEFAULTS",
