@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:  # `python bench/gpu.py` puts bench/, not the repo
 
 import symkernels  # noqa: E402
 from bench.workloads import REGIMES, STACKS  # noqa: E402
-from symkernels.ops.representation import prepend_identity  # noqa: E402
+from symkernels.functional import prepend_identity  # noqa: E402
 from symkernels.reference import (  # noqa: E402
     authors_representation_stack,
     expand_kernel_reference,
@@ -162,15 +162,15 @@ def _output_grads(outputs: Sequence[torch.Tensor], seed: int = 99) -> list[torch
 def _backend_reason(name: str, device: torch.device, op: str) -> str | None:
     """Why backend ``name`` cannot run ``op`` on float32 tensors of ``device`` (``None``: it can)."""
     try:
-        symkernels.backends.resolve(op, name, device, torch.float32)
+        symkernels.backends.resolve(name, device, torch.float32, op)
     except (RuntimeError, ValueError) as error:  # cannot serve / unknown name
         return str(error)
     return None
 
 
 def gpu_backends() -> list[str]:
-    """Registered backends other than the reference and the CPU kernels: the fast GPU paths."""
-    return [name for name in symkernels.backends.known_backends() if name not in ("reference", "cpu")]
+    """The backends other than the reference and the CPU kernels: the fast GPU paths."""
+    return [name for name in symkernels.backends.BACKENDS if name not in ("reference", "cpu")]
 
 
 # The grouped call: every layer's stack in one launch, through the backend's grouped kernel.
@@ -180,7 +180,7 @@ GROUPED_BACKEND = "triton"
 
 def _grouped_stacks(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every layer's representation stack from one grouped call (the identity prepended to its output)."""
-    stacks = symkernels.nn.grouped_sinkhorn(xs, N_ITER, backend=GROUPED_BACKEND, check_finite=False)
+    stacks = symkernels.grouped_sinkhorn(xs, N_ITER, backend=GROUPED_BACKEND, check_finite=False)
     return [prepend_identity(s) for s in stacks]
 
 
@@ -317,10 +317,9 @@ def _expansion_make(provider: str, shape: tuple[int, ...], mode: str, dtype: str
         reps.requires_grad_(backward)
         weight.requires_grad_(backward)
         if provider == "triton":
-            from symkernels.ops.triton_expansion import triton_expand_kernel
 
             def forward() -> torch.Tensor:
-                return triton_expand_kernel(reps, weight, k)
+                return symkernels.expand_kernel(reps, weight, k, backend="triton")
 
         else:
 
@@ -1031,7 +1030,7 @@ def dry_run(cases: Sequence[Case], out: Path, device: torch.device) -> dict[str,
         "device": str(device),
         "sections": list(dict.fromkeys(case.section for case in cases)),
         "cases": plan,
-        "grouped_api": f"symkernels.nn.grouped_sinkhorn(backend={GROUPED_BACKEND!r})",
+        "grouped_api": f"symkernels.grouped_sinkhorn(backend={GROUPED_BACKEND!r})",
         "gpu_backends": gpu_backends(),
     }
     (out / "plan.json").write_text(json.dumps(result, indent=1))

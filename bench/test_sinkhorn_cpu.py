@@ -17,17 +17,27 @@ N_ITER = 20
 
 
 def run_stack(provider: str, logits: list[torch.Tensor], backward: bool) -> None:
-    outputs = []
-    for x in logits:
-        if provider == "authors-loop":
-            outputs.append(authors_representation_stack(x, N_ITER))
-        else:
-            outputs.append(symkernels.representation_stack(x, N_ITER, backend=provider, check_finite=False))
+    if provider == "cpu-grouped":
+        outputs = symkernels.grouped_sinkhorn(logits, N_ITER, backend="cpu", check_finite=False)
+    elif provider == "authors-loop":
+        outputs = [authors_representation_stack(x, N_ITER) for x in logits]
+    elif provider == "cpu-tol":
+        # The authors' stopping rule, decided per stack on the device: same iterations as their loop.
+        outputs = [
+            symkernels.sinkhorn(
+                x, N_ITER, tol=symkernels.AUTHORS_TOLERANCE, stop="stack", backend="cpu", check_finite=False
+            )
+            for x in logits
+        ]
+    else:
+        outputs = [
+            symkernels.representation_stack(x, N_ITER, backend=provider, check_finite=False) for x in logits
+        ]
     if backward:
         torch.autograd.backward([o.sum() for o in outputs])
 
 
-PROVIDERS = ["reference", "authors-loop", "cpu"]
+PROVIDERS = ["reference", "authors-loop", "cpu", "cpu-grouped", "cpu-tol"]
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -35,7 +45,7 @@ PROVIDERS = ["reference", "authors-loop", "cpu"]
 @pytest.mark.parametrize("workload", list(STACKS))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_sinkhorn(benchmark, provider, workload, mode, regime):
-    if provider == "cpu" and not symkernels.backend_status()["cpu"].usable:
+    if provider.startswith("cpu") and not symkernels.backend_status()["cpu"].usable:
         pytest.skip(f"native CPU kernels unavailable: {symkernels.backend_status()['cpu'].detail}")
     logits = [x.requires_grad_(mode == "fwd+bwd") for x in make_stack(workload, regime)]
     benchmark.group = f"{workload} {mode} {regime}"

@@ -1,33 +1,16 @@
-// The one translation unit that includes the heavy torch/pybind11 headers (~30-45 s to compile): op schemas and
-// the Python module. Kernels live in one folder per op family, include only lean ATen headers, and register
-// their implementations per dispatch key themselves (TORCH_LIBRARY_IMPL), the CUDA ones from their .cu file.
+// The one translation unit that includes the heavy torch/pybind11 headers (~30-45 s to compile): the Python module
+// symkernels._C and its functions. The op schemas, fake implementations and autograd live in Python; kernels live
+// in one folder per op family and include only lean ATen headers.
 #include <torch/extension.h>
 
 #include <string>
 
 #include "build_info.h"
+#include "expansion/expansion.h"
+#include "sinkhorn/sinkhorn.h"
 
 #define SYMKERNELS_STRINGIFY_(x) #x
 #define SYMKERNELS_STRINGIFY(x) SYMKERNELS_STRINGIFY_(x)
-
-TORCH_LIBRARY(symkernels, m) {
-  // p: [..., n, n] float32/float64 -> [...]: max over rows and columns of |sum - 1| for each matrix.
-  m.def("marginal_error(Tensor p) -> Tensor");
-
-  // logits: [B, n, n] float32/float64, contiguous. Returns (P [B, n, n], row_log_scalings [B, T, n],
-  // col_log_scalings [B, T, n]): T log-domain Sinkhorn iterations (rows, then columns) of L0 = logits / tau,
-  // with f_t / g_t the row / column log-scalings after iteration t, so that P = exp(L0 + f_T 1' + 1 g_T').
-  m.def("sinkhorn_forward(Tensor logits, int n_iter, float tau) -> (Tensor, Tensor, Tensor)");
-  // The exact vector-Jacobian product of the T-step map, replayed from the saved log-scalings: grad_logits.
-  m.def(
-      "sinkhorn_backward(Tensor grad_p, Tensor logits, Tensor row_log_scalings, Tensor col_log_scalings, "
-      "float tau) -> Tensor");
-
-  // reps [G, d, d], weight [O, I, d] -> kernel [O, G, I, d]: kernel[o, g, i, :] = reps[g] @ weight[o, i, :].
-  m.def("expand_kernel_forward(Tensor reps, Tensor weight) -> Tensor");
-  // grad_kernel [O, G, I, d] -> (grad_reps [G, d, d], grad_weight [O, I, d]), deterministic reductions.
-  m.def("expand_kernel_backward(Tensor grad_kernel, Tensor reps, Tensor weight) -> (Tensor, Tensor)");
-}
 
 namespace {
 
@@ -64,6 +47,24 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "symkernels native kernels; the ops themselves are torch.ops.symkernels.*";
+  namespace py = pybind11;
+  m.doc() = "symkernels native kernels, called by the ops torch.ops.symkernels.*";
   m.def("build_info", &build_info, "What this library was compiled with (parts, CUDA archs, torch version).");
+
+  // The kernels release the GIL: they touch no Python object.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("sinkhorn_forward", &symkernels::sinkhorn_forward, no_gil, py::arg("logits"), py::arg("sizes"),
+        py::arg("counts"), py::arg("n_iter"), py::arg("tau"), py::arg("tol"), py::arg("caps"),
+        "Sinkhorn on the ragged stack in logits (stack l: counts[l] matrices of sizes[l] x sizes[l], back to back); "
+        "returns (p, cols, domain, iterations).");
+  m.def("sinkhorn_backward", &symkernels::sinkhorn_backward, no_gil, py::arg("grad_p"), py::arg("logits"),
+        py::arg("sizes"), py::arg("counts"), py::arg("cols"), py::arg("domain"), py::arg("iterations"),
+        py::arg("tau"), "The exact vector-Jacobian product of the iterations sinkhorn_forward ran: grad_logits.");
+  m.def("expand_forward", &symkernels::expand_forward, no_gil, py::arg("reps"), py::arg("weight"),
+        py::arg("kernel_size"), py::arg("leading_identity"),
+        "reps [G', d, d], weight [O, I, d] -> kernel [O*G, I*G_in, k, k] of the stack [I_d (if leading_identity), "
+        "reps...].");
+  m.def("expand_backward", &symkernels::expand_backward, no_gil, py::arg("grad_kernel"), py::arg("reps"),
+        py::arg("weight"), py::arg("kernel_size"), py::arg("leading_identity"),
+        "grad_kernel [O*G, I*G_in, k, k] -> (grad_reps [G', d, d], grad_weight [O, I, d]).");
 }

@@ -8,7 +8,9 @@
 #   3. `import symkernels` and `symkernels info` without TRITON_INTERPRET, as on a GPU machine;
 #   4. the smoke tests (`pytest -m smoke`): CPU ops against the reference, opcheck, a model step, the Triton
 #      kernels' parity in the interpreter and their compile for sm_90;
-#   5. a rehearsal of scripts/gpu_check.sh (its GPU stages skip, saying why).
+#   5. a rehearsal of scripts/gpu_check.sh (its GPU stages skip, saying why);
+#   6. the lean core: with none of the optional packages installed, `symkernels train` exits 2 naming the
+#      `pip install` of its extra.
 #
 #   bash scripts/test_gpu_stack.sh
 #
@@ -23,7 +25,7 @@ triton_spec="${GPU_STACK_TRITON_SPEC:-triton==3.6.*}"
 # Triton 3.6's interpreter cannot run loops with run-time bounds under numpy 2.4 (see
 # symkernels/ops/triton_registration.py); the GPU machines' compiled kernels are not affected.
 numpy_spec="numpy<2.4"
-tools=(setuptools wheel ninja pybind11 pytest)
+tools=(setuptools wheel ninja pybind11 pytest hypothesis)
 
 if [[ -n "${GPU_STACK_PYTHON:-}" ]]; then
     python_bin="$GPU_STACK_PYTHON"
@@ -61,7 +63,9 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/symkernels-gpu-stack.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 src="$work/src"
 mkdir -p "$src"
-git ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && xargs -0 cp --parents -t "$src")
+git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' path; do [[ -e "$path" ]] && printf '%s\0' "$path"; done | # not deleted ones
+    xargs -0 cp --parents -t "$src"
 cd "$src"
 
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -113,3 +117,14 @@ PY
 
 echo "gpu-stack: smoke tests"
 "$py" -m pytest -m smoke -q -p no:cacheprovider -rfEs
+
+echo "gpu-stack: a command without its optional packages names the install"
+set +e
+"$py" -m symkernels train --epochs 1 --out "$work/train" 2>"$work/train.err"
+rc=$?
+set -e
+if [[ $rc -ne 2 ]] || ! grep -q "pip install 'symkernels\[train\]'" "$work/train.err"; then
+    cat "$work/train.err"
+    echo "gpu-stack: symkernels train without the train extra should exit 2 naming the install (exit $rc)"
+    exit 1
+fi

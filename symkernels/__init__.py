@@ -7,20 +7,27 @@ chosen by :mod:`symkernels.backends`; :mod:`symkernels.nn` and :mod:`symkernels.
 
 from symkernels import analysis, backends, groups, models, nn, ops, reference
 from symkernels.backends import BACKEND_ENV_VAR, backend_status, use_backend
-from symkernels.functional import expand_kernel, permuted_conv2d, representation_stack, sinkhorn
-from symkernels.ops.marginal_error import marginal_error
+from symkernels.functional import (
+    expand_kernel,
+    grouped_sinkhorn,
+    permuted_conv2d,
+    representation_stack,
+    sinkhorn,
+)
+from symkernels.reference.sinkhorn import AUTHORS_TOLERANCE
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUTHORS_TOLERANCE",
     "BACKEND_ENV_VAR",
     "__version__",
     "analysis",
     "backend_status",
     "backends",
     "expand_kernel",
+    "grouped_sinkhorn",
     "groups",
-    "marginal_error",
     "models",
     "nn",
     "ops",

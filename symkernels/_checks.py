@@ -84,11 +84,15 @@ def check_same_dtype(named: dict[str, torch.Tensor | None]) -> torch.dtype:
     return first
 
 
-def check_expansion(reps: object, weight: object, kernel_size: object) -> tuple[int, int]:
+def check_expansion(
+    reps: object, weight: object, kernel_size: object, *, leading_identity: object = False
+) -> tuple[int, int]:
     """Validate reps ``[G, d, d]``, weight ``[C_out, C_in, d]``; returns ``(d, G_in)``."""
     reps = check_tensor(reps, "reps")
     weight = check_tensor(weight, "weight")
     k = check_positive_int(kernel_size, "kernel_size")
+    if not isinstance(leading_identity, bool):
+        raise TypeError(f"leading_identity must be a bool, got {type(leading_identity).__name__}")
     check_floating(reps, "reps")
     check_floating(weight, "weight")
     if reps.dim() != 3:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUILD_INFO_FILE", "NativeStatus", "has_ops", "library", "native_status", "read_build_info"]
+__all__ = ["BUILD_INFO_FILE", "NativeStatus", "library", "native_status", "read_build_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ BUILD_INFO_FILE = Path(__file__).resolve().parent / "_build_info.json"
 _MODULE = "symkernels._C"
 _BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _REBUILD = f"rebuild with `{_BUILD_COMMAND}`"
+# The kernels the op families call (symkernels.ops.sinkhorn, symkernels.ops.expansion).
+ENTRY_POINTS = ("sinkhorn_forward", "sinkhorn_backward", "expand_forward", "expand_backward")
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,15 @@ class NativeStatus:
     """Whether the native library is usable in this process, and why not."""
 
     loaded: bool
-    cuda_built: bool  # the loaded library has CUDA kernels (False when not loaded)
+    cuda_built: bool  # the loaded library was compiled with its CUDA part (False when not loaded)
     reason: str | None  # None when loaded
     # _build_info.json as setup.py wrote it, plus "library": what _C.build_info() reports once loaded.
     build_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_cuda_kernels(self) -> bool:
+        """Whether the loaded library computes the ops on CUDA tensors."""
+        return self.loaded and bool(self.build_info.get("library", {}).get("cuda_kernels", False))
 
 
 def read_build_info(path: Path = BUILD_INFO_FILE) -> dict[str, Any] | None:
@@ -106,6 +113,12 @@ def _load() -> tuple[ModuleType | None, NativeStatus]:
         logger.warning("symkernels: native library not used: %s", reason)
         return None, NativeStatus(False, False, reason, record)
 
+    missing = [name for name in ENTRY_POINTS if not hasattr(module, name)]
+    if missing:
+        reason = f"{_MODULE} was built from older sources (it lacks {', '.join(missing)}); {_REBUILD}"
+        logger.warning("symkernels: native library not used: %s", reason)
+        return None, NativeStatus(False, False, reason, record)
+
     cuda_built = bool(compiled.get("cuda", False))
     logger.debug("symkernels: loaded %s (cuda kernels: %s)", _MODULE, cuda_built)
     return module, NativeStatus(True, cuda_built, None, record)
@@ -124,8 +137,3 @@ def native_status() -> NativeStatus:
 def library() -> ModuleType | None:
     """The loaded ``symkernels._C`` module, or None when it is unavailable (see :func:`native_status`)."""
     return _loaded()[0]
-
-
-def has_ops(names: tuple[str, ...]) -> bool:
-    """Whether the loaded library defines every ``torch.ops.symkernels.<name>`` (an older build may not)."""
-    return library() is not None and all(hasattr(torch.ops.symkernels, name) for name in names)

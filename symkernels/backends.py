@@ -1,15 +1,19 @@
-"""The one dispatch point: which backend computes an op.
+"""Which implementation computes an op: the one place that chooses.
 
-A backend is chosen per call, in this order of precedence:
+PyTorch's dispatcher picks the device (the ops in :mod:`symkernels.ops` have a CPU and a CUDA
+implementation); :func:`resolve` picks among what serves that device:
 
-1. the ``backend=`` argument of a functional op,
-2. the innermost :func:`use_backend` context,
-3. the ``SYMKERNELS_BACKEND`` environment variable (read once, at import),
-4. automatically: the fastest registered backend that can serve the inputs (a backend may serve some inputs
-   only when chosen explicitly, e.g. Triton's slow CPU interpreter).
+* ``cuda``: the native CUDA C++ kernels (CUDA tensors; float16, bfloat16, float32);
+* ``triton``: the Triton kernels (CUDA tensors; float16, bfloat16, float32; on CPU tensors in Triton's
+  interpreter, ``TRITON_INTERPRET=1``, only when chosen by name: it is slow);
+* ``cpu``: the native C++ kernels (CPU tensors; float16 and bfloat16 computed in float32, float32, float64);
+* ``reference``: pure PyTorch (any device and floating dtype), the oracle; it is not an op implementation,
+  so the functional API calls it directly.
 
-An explicitly chosen backend that cannot serve the inputs raises with the reason; it never falls back
-silently. Backends register themselves with :func:`register_backend` when their code can be loaded.
+A choice comes, in this order of precedence, from the ``backend=`` argument of a functional op, the innermost
+:func:`use_backend` context, or the ``SYMKERNELS_BACKEND`` environment variable (read once, at import);
+without one, the first of the list above that can serve the tensors is used. An explicit choice that cannot
+serve raises with the reason; it never falls back silently.
 """
 
 from __future__ import annotations
@@ -17,101 +21,104 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from symkernels import reference
+from symkernels import _native
 
 BACKEND_ENV_VAR = "SYMKERNELS_BACKEND"
-
-# Returns None when the backend can serve tensors on this device/dtype, else the reason it cannot.
-ServeCheck = Callable[[torch.device, torch.dtype], "str | None"]
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    priority: int  # higher is preferred by the automatic choice
-    description: str
-    unavailable_reason: str | None  # None when loaded and usable
-    can_serve: ServeCheck
-    ops: Mapping[str, Callable[..., torch.Tensor]]  # op name -> implementation
-    # The check of the automatic choice when it is stricter than can_serve (None: can_serve).
-    auto_can_serve: ServeCheck | None = None
+BACKENDS = ("cuda", "triton", "cpu", "reference")  # the automatic choice's order
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
 class BackendStatus:
     name: str
     usable: bool
-    detail: str
+    detail: str  # what it serves when usable, else why it cannot be used
 
 
-_REGISTRY: dict[str, Backend] = {}
 _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "symkernels_backend", default=None
 )
+_ENV_CHOICE = os.environ.get(BACKEND_ENV_VAR, "").strip() or None
 
 
-def register_backend(
-    name: str,
-    *,
-    priority: int,
-    description: str,
-    can_serve: ServeCheck,
-    ops: Mapping[str, Callable[..., torch.Tensor]],
-    unavailable_reason: str | None = None,
-    auto_can_serve: ServeCheck | None = None,
-) -> None:
-    """Make ``name`` selectable. ``unavailable_reason`` marks a backend that exists but cannot load here;
-    ``auto_can_serve``, when given, replaces ``can_serve`` for the automatic choice (inputs it refuses are
-    served only on an explicit choice)."""
-    _REGISTRY[name] = Backend(
-        name, priority, description, unavailable_reason, can_serve, dict(ops), auto_can_serve
-    )
+def _triton_state() -> tuple[str | None, bool]:
+    """(why the Triton kernels cannot run, or None; whether they run in Triton's CPU interpreter)."""
+    try:
+        from symkernels.ops import triton_support
+    except Exception as error:  # ImportError, or a broken triton install
+        return f"triton is not usable: {type(error).__name__}: {error}", False
+    problem = triton_support.problem()
+    if problem is None and not triton_support.INTERPRETED and not torch.cuda.is_available():
+        problem = (
+            "no CUDA device is visible, and the Triton kernels run on CUDA tensors (set TRITON_INTERPRET=1 "
+            "before importing symkernels to run them in Triton's CPU interpreter)"
+        )
+    return problem, triton_support.INTERPRETED
 
 
-def known_backends() -> tuple[str, ...]:
-    """Registered backend names, preferred first."""
-    return tuple(b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority))
+def _unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this process at all, or None."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        return _TRITON_PROBLEM
+    status = _native.native_status()
+    if not status.loaded:
+        return f"native library not loaded: {status.reason}"
+    if name == "cuda" and not status.has_cuda_kernels:
+        return "this build of the native library has no CUDA kernels"
+    return None
 
 
-def backend_status() -> dict[str, BackendStatus]:
-    """Every registered backend with whether it can be used in this process and why (not)."""
-    status = {}
-    for name in known_backends():
-        backend = _REGISTRY[name]
-        if backend.unavailable_reason is None:
-            status[name] = BackendStatus(name, True, backend.description)
-        else:
-            status[name] = BackendStatus(name, False, backend.unavailable_reason)
-    return status
+def _cannot_serve(name: str, device: torch.device, dtype: torch.dtype, *, explicit: bool) -> str | None:
+    """Why backend ``name`` cannot run on ``device``/``dtype`` tensors, or None."""
+    reason = _UNAVAILABLE[name]
+    if reason is not None:
+        return reason
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device.type}"
+        if dtype not in CPU_DTYPES:
+            return f"the cpu backend supports {_names(CPU_DTYPES)}, got {dtype}"
+        return None
+    if dtype not in GPU_DTYPES:
+        return f"the {name} backend supports {_names(GPU_DTYPES)}, got {dtype}"
+    if name == "triton" and _TRITON_INTERPRETED:
+        if device.type != "cpu":
+            return f"under TRITON_INTERPRET=1 the triton backend runs on CPU tensors, got {device.type}"
+        if not explicit:
+            return "the Triton CPU interpreter is slow: it runs only when chosen by name (backend='triton')"
+        return None
+    if device.type != "cuda":
+        hint = " (or set TRITON_INTERPRET=1 before importing symkernels)" if name == "triton" else ""
+        return f"the {name} backend runs on CUDA tensors, got {device.type}{hint}"
+    return None
 
 
-def _check_name(name: object, argument: str) -> str:
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_name(name: object, argument: str = "backend") -> str:
     if not isinstance(name, str):
         raise TypeError(f"{argument} must be a backend name (str), got {type(name).__name__}")
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"{argument}={name!r} is not a known backend; expected one of {list(known_backends())}"
-        )
+    if name not in BACKENDS:
+        raise ValueError(f"{argument}={name!r} is not a known backend; expected one of {list(BACKENDS)}")
     return name
-
-
-def _read_env_choice() -> str | None:
-    value = os.environ.get(BACKEND_ENV_VAR, "").strip()
-    return value or None
-
-
-_ENV_CHOICE = _read_env_choice()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed ops on backend ``name`` (an explicit choice: it raises if it cannot serve)."""
-    token = _context_choice.set(_check_name(name, "name"))
+    token = _context_choice.set(check_name(name, "name"))
     try:
         yield
     finally:
@@ -124,62 +131,53 @@ def current_choice() -> str | None:
     if choice is not None:
         return choice
     if _ENV_CHOICE is not None:
-        return _check_name(_ENV_CHOICE, BACKEND_ENV_VAR)
+        return check_name(_ENV_CHOICE, BACKEND_ENV_VAR)
     return None
 
 
-def resolve(
-    op: str, backend: str | None, device: torch.device, dtype: torch.dtype
-) -> Callable[..., torch.Tensor]:
-    """The implementation of ``op`` that runs on tensors of ``device``/``dtype``.
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, op: str = "the op") -> str:
+    """The backend that computes ``op`` on ``device``/``dtype`` tensors, given the ``backend=`` argument.
 
-    Raises when an explicitly chosen backend cannot serve, naming where the choice came from.
+    Raises RuntimeError when an explicit choice cannot serve, naming where the choice came from and why.
     """
     if backend is not None:
-        source = "backend"
-        choice = _check_name(backend, "backend")
+        choice, source = check_name(backend), "backend"
     else:
         choice = current_choice()
         source = "use_backend()" if _context_choice.get() is not None else BACKEND_ENV_VAR
     if choice is not None:
-        chosen = _REGISTRY[choice]
-        reason = chosen.unavailable_reason or _serve_reason(chosen, op, device, dtype)
+        reason = _cannot_serve(choice, device, dtype, explicit=True)
         if reason is not None:
             raise RuntimeError(
                 f"{source}={choice!r} cannot run {op} on {device.type} {dtype} tensors: {reason}"
             )
-        return chosen.ops[op]
-    for name in known_backends():
-        candidate = _REGISTRY[name]
-        if (
-            candidate.unavailable_reason is None
-            and _serve_reason(candidate, op, device, dtype, auto=True) is None
-        ):
-            return candidate.ops[op]
-    raise RuntimeError(f"no backend can run {op} on {device.type} {dtype} tensors")
+        return choice
+    for name in BACKENDS:
+        if _cannot_serve(name, device, dtype, explicit=False) is None:
+            return name
+    raise AssertionError("the reference backend serves every tensor")  # pragma: no cover
 
 
-def _serve_reason(
-    backend: Backend, op: str, device: torch.device, dtype: torch.dtype, *, auto: bool = False
-) -> str | None:
-    if op not in backend.ops:
-        return f"the {backend.name} backend has no {op} kernel"
-    check = backend.auto_can_serve if auto and backend.auto_can_serve is not None else backend.can_serve
-    return check(device, dtype)
+def backend_status() -> dict[str, BackendStatus]:
+    """Every backend with whether it can be used in this process and why (not)."""
+    described = {
+        "cuda": "native CUDA C++ kernels (CUDA; float16/bfloat16 computed in float32, float32)",
+        "triton": (
+            "Triton kernels in the CPU interpreter (TRITON_INTERPRET=1; float16/bfloat16/float32, chosen by "
+            "name only)"
+            if _TRITON_INTERPRETED
+            else "Triton kernels (CUDA; float16/bfloat16 computed in float32, float32)"
+        ),
+        "cpu": "native C++ kernels (CPU; float16/bfloat16 computed in float32, float32, float64)",
+        "reference": "pure PyTorch (any device, any floating dtype)",
+    }
+    status = {}
+    for name in BACKENDS:
+        reason = _UNAVAILABLE[name]
+        status[name] = BackendStatus(name, reason is None, described[name] if reason is None else reason)
+    return status
 
 
-def _reference_can_serve(device: torch.device, dtype: torch.dtype) -> str | None:
-    return None  # pure PyTorch runs wherever PyTorch does
-
-
-register_backend(
-    "reference",
-    priority=0,
-    description="pure PyTorch (any device, any floating dtype)",
-    can_serve=_reference_can_serve,
-    ops={
-        "sinkhorn": reference.sinkhorn_reference,
-        "representation_stack": reference.representation_stack_reference,
-        "expand_kernel": reference.expand_kernel_reference,
-    },
-)
+# Decided once, at import: the choice runs on every op call, also while torch.compile traces it.
+_TRITON_PROBLEM, _TRITON_INTERPRETED = _triton_state()
+_UNAVAILABLE = {name: _unavailable(name) for name in BACKENDS}

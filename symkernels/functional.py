@@ -1,70 +1,28 @@
-"""The functional API: input checks, then the backend chosen by :mod:`symkernels.backends`."""
+"""The functional API: the ops of :mod:`symkernels.ops` and what the layers compose from them."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from symkernels import backends
 from symkernels._checks import (
     check_expansion,
-    check_finite,
     check_floating,
-    check_positive_int,
     check_same_device,
     check_same_dtype,
-    check_square_stack,
-    check_tau,
     check_tensor,
 )
-from symkernels.ops.representation import prepend_identity
-from symkernels.ops.sinkhorn import attach_fixed_point_gradient
+from symkernels.ops.expansion import expand_kernel, prepend_identity
+from symkernels.ops.sinkhorn import grouped_sinkhorn, sinkhorn
 
-__all__ = ["expand_kernel", "permuted_conv2d", "representation_stack", "sinkhorn"]
-
-BACKWARD_MODES = ("unrolled", "implicit")
-
-
-def _check_logits(logits: object, n_iter: object, tau: object, backward: object, finite: bool) -> float:
-    logits = check_tensor(logits, "logits")
-    check_floating(logits, "logits")
-    check_square_stack(logits, "logits")
-    check_positive_int(n_iter, "n_iter")
-    tau = check_tau(tau)
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
-    if finite:
-        check_finite(logits, "logits")
-    return tau
-
-
-def sinkhorn(
-    logits: torch.Tensor,
-    n_iter: int = 20,
-    tau: float = 1.0,
-    *,
-    backend: str | None = None,
-    backward: str = "unrolled",
-    check_finite: bool = True,
-) -> torch.Tensor:
-    """Doubly stochastic matrices from ``[..., n, n]`` logits (log domain, rows then columns per iteration).
-
-    Returns the input dtype; computes in float32 at least (float64 stays float64).
-
-    ``backward="unrolled"`` (default) is the exact gradient of the ``n_iter``-step map, equal to autograd
-    through the loop. ``backward="implicit"`` differentiates the fixed point instead (the converged map); the
-    two agree only when the forward has converged, i.e. for large ``n_iter``.
-
-    ``check_finite=False`` skips the NaN/Inf test, which reads a flag from the device (a host sync) on every
-    call; the output is then NaN for matrices whose logits are not finite.
-    """
-    tau = _check_logits(logits, n_iter, tau, backward, check_finite)
-    impl = backends.resolve("sinkhorn", backend, logits.device, logits.dtype)
-    if backward == "implicit":
-        with torch.no_grad():
-            p = impl(logits, n_iter, tau)
-        return attach_fixed_point_gradient(logits, p, tau)
-    return impl(logits, n_iter, tau)
+__all__ = [
+    "expand_kernel",
+    "grouped_sinkhorn",
+    "permuted_conv2d",
+    "prepend_identity",
+    "representation_stack",
+    "sinkhorn",
+]
 
 
 def representation_stack(
@@ -78,26 +36,10 @@ def representation_stack(
     check_finite: bool = True,
 ) -> torch.Tensor:
     """``[G', d, d]`` logits → ``[G, d, d]`` stack: Sinkhorn of the logits, the identity first if fixed."""
-    tau = _check_logits(logits, n_iter, tau, backward, check_finite)
-    if logits.dim() != 3:
+    if isinstance(logits, torch.Tensor) and logits.dim() != 3:
         raise ValueError(f"logits must have shape [G, d, d], got {tuple(logits.shape)}")
-    if backward == "implicit":
-        stack = sinkhorn(logits, n_iter, tau, backend=backend, backward=backward, check_finite=False)
-        return prepend_identity(stack) if fix_identity else stack
-    impl = backends.resolve("representation_stack", backend, logits.device, logits.dtype)
-    return impl(logits, n_iter, tau, fix_identity=fix_identity)
-
-
-def expand_kernel(
-    reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, *, backend: str | None = None
-) -> torch.Tensor:
-    """reps ``[G, d, d]`` and weight ``[C_out, C_in, d]`` (``d = G_in·k²``) → ``[C_out·G, C_in·G_in, k, k]``.
-
-    ``K[o, g, i, :] = R_g θ[o, i, :]``: output channels are o-major, g-minor; input channels i-major.
-    """
-    check_expansion(reps, weight, kernel_size)
-    impl = backends.resolve("expand_kernel", backend, weight.device, weight.dtype)
-    return impl(reps, weight, kernel_size)
+    stack = sinkhorn(logits, n_iter, tau, backend=backend, backward=backward, check_finite=check_finite)
+    return prepend_identity(stack) if fix_identity else stack
 
 
 def permuted_conv2d(
@@ -109,12 +51,15 @@ def permuted_conv2d(
     kernel_size: int,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
+    leading_identity: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Convolve with the expanded kernel: ``[B, C_in, H, W]`` (lifting, G_in = 1) or
     ``[B, C_in, G_in, H, W]`` (group conv) → ``[B, C_out, G, H', W']``, plus ``bias`` ``[C_out, 1, 1, 1]``.
+
+    ``leading_identity``: the stack is ``[I, reps...]`` (see :func:`expand_kernel`).
     """
-    _, in_group_size = check_expansion(reps, weight, kernel_size)
+    _, in_group_size = check_expansion(reps, weight, kernel_size, leading_identity=leading_identity)
     x = check_tensor(x, "x")
     check_floating(x, "x")
     out_channels, in_channels = weight.shape[:2]
@@ -143,10 +88,10 @@ def permuted_conv2d(
             )
     check_same_device({"x": x, "reps": reps, "weight": weight, "bias": bias})
     check_same_dtype({"x": x, "reps": reps, "weight": weight, "bias": bias})
-    kernel = expand_kernel(reps, weight, kernel_size, backend=backend)
+    kernel = expand_kernel(reps, weight, kernel_size, leading_identity=leading_identity, backend=backend)
     # The convolution itself stays with cuDNN/ATen: it is compute-bound and already fast.
     y = F.conv2d(x.flatten(1, 2) if x.dim() == 5 else x, kernel, stride=stride, padding=padding)
-    y = y.unflatten(1, (out_channels, reps.shape[0]))
+    y = y.unflatten(1, (out_channels, reps.shape[0] + int(leading_identity)))
     if bias is not None:
         y = y + bias.reshape(-1, 1, 1, 1)
     return y

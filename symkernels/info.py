@@ -63,6 +63,7 @@ def collect_info() -> dict[str, Any]:
         "native": {
             "loaded": status.loaded,
             "cuda_built": status.cuda_built,
+            "cuda_kernels": status.has_cuda_kernels,
             "reason": status.reason,
         },
         "build": status.build_info,
@@ -93,8 +94,11 @@ def format_info(info: dict[str, Any] | None = None) -> str:
     ]
     if native["loaded"]:
         archs = ", ".join(library.get("cuda_archs", [])) or "-"
-        cuda = _yes_no(native["cuda_built"])
-        native_line = f"loaded (CPU kernels: yes, CUDA kernels: {cuda}, CUDA archs: {archs})"
+        cuda = _yes_no(native["cuda_kernels"])
+        native_line = (
+            f"loaded (CPU kernels: yes, CUDA kernels: {cuda}, CUDA part compiled: "
+            f"{_yes_no(native['cuda_built'])}, CUDA archs: {archs})"
+        )
     else:
         native_line = f"not loaded: {native['reason']}"
     rows.append(("native library", native_line))

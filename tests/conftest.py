@@ -2,6 +2,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests (test_properties.py): a CI-sized budget by default, a longer one on demand.
+settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)
+settings.register_profile("long", max_examples=400, deadline=None)
+settings.load_profile(os.environ.get("SYMKERNELS_HYPOTHESIS_PROFILE", "ci"))
 
 # Without a GPU the Triton kernels' tests run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET when
 # a kernel is decorated, i.e. when symkernels (which imports the kernels) is first imported: this runs before
@@ -19,24 +25,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_cuda)
 
 
-# The Triton tests' devices (test_triton_*.py).
-@pytest.fixture
-def device() -> torch.device:
-    """Where the Triton kernels run in this process: CPU under the interpreter, else the GPU."""
-    from symkernels.ops.triton_registration import INTERPRETED
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("triton", marks=pytest.mark.triton),
+        pytest.param("cuda", marks=pytest.mark.cuda),
+    ]
+)
+def implementation(request: pytest.FixtureRequest):
+    """Each implementation of the ops (``tests.testing.Implementation``): the native CPU kernels, the Triton
+    kernels (on the GPU, or in Triton's CPU interpreter without one) and the native CUDA kernels."""
+    from tests.testing import implementation_for
 
-    if INTERPRETED:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("the triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported")
+    return implementation_for(request.param)
 
 
 @pytest.fixture
 def gpu() -> torch.device:
-    """The GPU, for Triton cases too big for the interpreter (the ``cuda`` marker skips them without one)."""
-    from symkernels.ops.triton_registration import INTERPRETED
+    """The GPU, for cases too big for the Triton interpreter (the ``cuda`` marker skips them without one)."""
+    from symkernels.ops.triton_support import INTERPRETED
 
     if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernels run interpreted on CPU tensors in this process")
+        pytest.skip("TRITON_INTERPRET=1 is set: the Triton kernels run interpreted on CPU tensors here")
     return torch.device("cuda")

@@ -1,4 +1,4 @@
-"""The dispatch point: explicit choices, the context manager, the environment variable, errors."""
+"""The one choice of backend: explicit choices, the context manager, the environment variable, errors."""
 
 from __future__ import annotations
 
@@ -13,10 +13,20 @@ import symkernels
 from symkernels import backends
 
 
-def test_reference_is_registered_and_usable():
+def test_every_backend_is_reported_and_the_reference_is_usable():
     status = symkernels.backend_status()
+    assert list(status) == list(backends.BACKENDS)
     assert status["reference"].usable
-    assert "reference" in backends.known_backends()
+    assert all(s.detail for s in status.values())
+
+
+def test_automatic_choice_for_cpu_tensors():
+    cpu = torch.device("cpu")
+    expected = "cpu" if symkernels.backend_status()["cpu"].usable else "reference"
+    assert backends.resolve(None, cpu, torch.float32) == expected
+    assert backends.resolve(None, cpu, torch.float64) == expected
+    # Triton's interpreter serves CPU tensors only when asked for by name; meta tensors only the reference.
+    assert backends.resolve(None, torch.device("meta"), torch.float32) == "reference"
 
 
 def test_explicit_reference_matches_automatic():
@@ -40,31 +50,29 @@ def test_context_manager_nests_and_restores():
     assert backends.current_choice() is None
     with symkernels.use_backend("reference"):
         assert backends.current_choice() == "reference"
-        with symkernels.use_backend("reference"):
-            assert backends.current_choice() == "reference"
+        with symkernels.use_backend("cpu"):
+            assert backends.current_choice() == "cpu"
         assert backends.current_choice() == "reference"
     assert backends.current_choice() is None
 
 
-def test_explicit_choice_that_cannot_serve_raises_with_the_reason(monkeypatch):
-    monkeypatch.setitem(
-        backends._REGISTRY,
-        "picky",
-        backends.Backend(
-            "picky", 99, "test", None, lambda device, dtype: "only float64", {"sinkhorn": lambda *a: None}
-        ),
-    )
-    with pytest.raises(RuntimeError, match="backend='picky' cannot run sinkhorn .*only float64"):
-        symkernels.sinkhorn(torch.randn(3, 3), backend="picky")
+def test_explicit_choice_that_cannot_serve_raises_with_the_reason():
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot run sinkhorn on meta .*CPU tensors"):
+        symkernels.sinkhorn(torch.rand(3, 3, device="meta"), backend="cpu", check_finite=False)
     with (
-        pytest.raises(RuntimeError, match="use_backend\\(\\)='picky' .*no expand_kernel kernel"),
-        symkernels.use_backend("picky"),
+        pytest.raises(RuntimeError, match=r"use_backend\(\)='cuda' cannot run expand_kernel on cpu"),
+        symkernels.use_backend("cuda"),
     ):
         symkernels.expand_kernel(torch.rand(1, 1, 1), torch.rand(1, 1, 1), 1)
-    # The automatic choice skips a backend that cannot serve instead of raising.
-    torch.testing.assert_close(
-        symkernels.sinkhorn(torch.eye(3)), symkernels.sinkhorn(torch.eye(3), backend="reference")
-    )
+    if symkernels.backend_status()["triton"].usable:
+        with pytest.raises(RuntimeError, match="float16, bfloat16, float32"):
+            symkernels.sinkhorn(torch.rand(3, 3, dtype=torch.float64), backend="triton")
+
+
+def test_the_op_refuses_the_reference_with_a_pointer_to_it():
+    """The reference is not an op implementation: the op says where it is instead."""
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.ops.symkernels.sinkhorn(torch.rand(9), [3], [1], 2, 1.0, 0.0, None, "reference")
 
 
 def _run_with_env(value: str, code: str) -> subprocess.CompletedProcess:

@@ -15,19 +15,18 @@ from symkernels.models import CNN, GCNN, WSCNN, WSResNet, sum_regularizers
 from symkernels.models import accounting as accounting_module
 from symkernels.models import cnn as cnn_module
 from symkernels.models import resnet as resnet_module
-from symkernels.nn import DoublyStochasticStack, grouped_sinkhorn, precompute_representations
+from symkernels.nn import DoublyStochasticStack, precompute_representations
 from symkernels.nn import grouped as grouped_module
-from symkernels.reference import sinkhorn_reference
-from tests.testing import make_logits
+from symkernels.ops import sinkhorn as sinkhorn_module
 
 
 def triton_on_cpu() -> bool:
     """Whether the triton backend serves CPU tensors in this process (Triton's interpreter)."""
     if not symkernels.backend_status()["triton"].usable:
         return False
-    from symkernels.ops import triton_sinkhorn
+    from symkernels.ops.triton_support import INTERPRETED
 
-    return triton_sinkhorn.INTERPRETED
+    return INTERPRETED
 
 
 BACKENDS = [
@@ -53,53 +52,16 @@ def counted(monkeypatch, owner, name: str) -> list:
     return calls
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_sinkhorn_matches_each_stack(backend):
-    stacks = [make_logits(g, n, n, scale=2.0, seed=n).requires_grad_() for g, n in ((3, 3), (2, 5), (1, 9))]
-    outputs = grouped_sinkhorn(stacks, 4, 0.8, backend=backend)
-    weights = [make_logits(*s.shape, seed=30 + i) for i, s in enumerate(stacks)]
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)), stacks)
-    for stack, out, weight, grad in zip(stacks, outputs, weights, grads, strict=True):
-        x = stack.detach().double().requires_grad_()
-        expected = sinkhorn_reference(x, 4, 0.8)
-        (expected_grad,) = torch.autograd.grad((expected * weight.double()).sum(), x)
-        assert out.shape == stack.shape and out.dtype == stack.dtype
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
-
-
-def test_grouped_sinkhorn_is_one_kernel_call_on_triton_and_a_loop_elsewhere(monkeypatch):
-    stacks = [make_logits(2, n, n, seed=n) for n in (3, 4, 6)]
-    loop = counted(monkeypatch, functional, "sinkhorn")
-    grouped_sinkhorn(stacks, 3, backend="reference")
-    assert len(loop) == 3
-    if triton_on_cpu():
-        from symkernels.ops import triton_sinkhorn
-
-        launches = counted(monkeypatch, triton_sinkhorn, "_fused_forward_op")
-        loop.clear()
-        grouped_sinkhorn(stacks, 3, backend="triton")
-        assert len(launches) == 1 and not loop
-
-
-def test_grouped_sinkhorn_checks_its_input():
-    good = torch.rand(2, 3, 3)
-    with pytest.raises(TypeError, match="stacks must be a sequence"):
-        grouped_sinkhorn(good)
-    with pytest.raises(ValueError, match=r"stacks\[1\] must have shape \[G, n, n\]"):
-        grouped_sinkhorn([good, torch.rand(3, 3)])
-    with pytest.raises(ValueError, match=r"stacks\[1\] is torch.float64"):
-        grouped_sinkhorn([good, good.double()])
-    with pytest.raises(TypeError, match=r"stacks\[0\] must have a floating dtype"):
-        grouped_sinkhorn([torch.ones(1, 2, 2, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="n_iter must be >= 1"):
-        grouped_sinkhorn([good], 0)
-    bad = good.clone()
-    bad[1, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"stacks\[1\] contains NaN"):
-        grouped_sinkhorn([good, bad])
-    assert bool(torch.isnan(grouped_sinkhorn([bad], check_finite=False)[0][1]).all())
-    assert grouped_sinkhorn([]) == []
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_grouped_sinkhorn_is_one_op_call(backend, monkeypatch):
+    """All stacks of a group in one call of the op (one launch each way on a GPU); the reference loops."""
+    stacks = [torch.rand(2, n, n).requires_grad_() for n in (3, 4, 6)]
+    calls = counted(monkeypatch, sinkhorn_module, "_run_op")
+    outputs = symkernels.grouped_sinkhorn(stacks, 3, backend=backend)
+    torch.autograd.grad(sum(o.square().sum() for o in outputs), stacks)
+    assert len(calls) == 1
+    symkernels.grouped_sinkhorn(stacks, 3, backend="reference")
+    assert len(calls) == 1
 
 
 def small_wscnn() -> WSCNN:
@@ -146,7 +108,7 @@ def test_one_grouped_call_per_step_and_none_per_layer(monkeypatch):
     model = small_wscnn()
     x, y = torch.randn(2, 1, 11, 11), torch.tensor([0, 3])
     grouped = counted(monkeypatch, grouped_module, "grouped_sinkhorn")
-    per_layer = counted(monkeypatch, functional, "representation_stack")
+    per_layer = counted(monkeypatch, functional, "sinkhorn")
     with precompute_representations(model) as stacks:
         assert set(stacks) == {"lift.reps", "convs.0.reps", "convs.1.reps"}
         assert len(grouped) == 1 and [s.shape[-1] for s in grouped[0][0]] == [9, 36, 36]
@@ -175,7 +137,7 @@ def test_stacks_with_different_settings_are_grouped_apart(monkeypatch):
     assert sorted(len(call[0]) for call in grouped) == [1, 2]
     for name, module in model.named_modules():
         if isinstance(module, DoublyStochasticStack):
-            expected = functional.representation_stack(module.logits, module.n_iter, module.tau)
+            expected = functional.sinkhorn(module.logits, module.n_iter, module.tau)
             torch.testing.assert_close(stacks[name], expected)
 
 
@@ -184,7 +146,8 @@ def test_contexts_nest_and_restore_on_errors():
     with precompute_representations(model) as outer:
         with precompute_representations(model) as inner:
             assert all(inner[name] is outer[name] for name in outer)
-        assert model.lift.reps() is outer["lift.reps"]
+        assert model.lift.reps.learned() is outer["lift.reps"]
+        torch.testing.assert_close(model.lift.reps(), functional.prepend_identity(outer["lift.reps"]))
     assert model.lift.reps._precomputed is None
     with pytest.raises(RuntimeError, match="boom"), precompute_representations(model):
         raise RuntimeError("boom")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pytest
 import torch
+
+import symkernels
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -44,3 +49,35 @@ def assert_as_accurate_as_reference(got: torch.Tensor, reference: torch.Tensor, 
     got_error = (got.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
     reference_error = (reference.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
     assert got_error <= 2 * reference_error + floor, (got_error, reference_error, floor)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """An implementation of the ops, where it runs, and the dtypes its tests cover."""
+
+    name: str
+    device: torch.device
+    dtypes: tuple[torch.dtype, ...]
+    interpreted: bool = False  # Triton in its CPU interpreter: tiny shapes only
+
+
+def implementation_for(name: str) -> Implementation:
+    """The implementation ``name`` (``cpu``, ``triton`` or ``cuda``), or a skip naming the hardware it needs.
+
+    The native CPU kernels are never skipped: a build that lost them must fail the tests.
+    """
+    status = symkernels.backend_status()[name]
+    if name == "cpu":
+        assert status.usable, f"the native CPU kernels are unavailable: {status.detail}"
+        return Implementation("cpu", torch.device("cpu"), (torch.float32, torch.float64))
+    if not status.usable:
+        needs = (
+            "a CUDA GPU, or Triton's CPU interpreter" if name == "triton" else "a CUDA GPU and a CUDA build"
+        )
+        pytest.skip(f"needs {needs} ({name} backend: {status.detail})")
+    if name == "triton":
+        from symkernels.ops.triton_support import INTERPRETED
+
+        device = torch.device("cpu" if INTERPRETED else "cuda")
+        return Implementation("triton", device, (torch.float32, torch.float16), interpreted=INTERPRETED)
+    return Implementation("cuda", torch.device("cuda"), (torch.float32, torch.bfloat16, torch.float16))

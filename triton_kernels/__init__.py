@@ -4,9 +4,10 @@ They live in this top-level folder and are installed inside the package as ``sym
 (a top-level import name ``triton_kernels`` is already taken by other packages): import them from there.
 
 * ``sinkhorn_tiles``: tile-level pieces of the Sinkhorn kernels (both domains);
-* ``sinkhorn``: fused Sinkhorn forward and exact backward, one launch each (packed and chunked layouts);
+* ``sinkhorn``: fused Sinkhorn forward (per-matrix early exit) and exact backward, one launch each (packed
+  and chunked layouts);
 * ``sinkhorn_stepped``: the multi-program Sinkhorn kernels for large matrices (one launch per iteration);
 * ``expansion``: the kernel expansion and its backward.
 
-The operators that launch them are in ``symkernels.ops`` (``triton_sinkhorn``, ``triton_expansion``).
+Their launchers are ``symkernels.ops.sinkhorn_triton`` and ``symkernels.ops.expansion_triton``.
 """

@@ -22,7 +22,6 @@ No float atomics anywhere: the result depends only on the shapes, never on sched
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,6 @@ __all__ = [
     "backward_plan",
     "expand_backward_into",
     "expand_forward_into",
-    "is_interpreted",
 ]
 
 # Offsets are computed in int32 inside the kernels.
@@ -305,13 +303,6 @@ def _sum_partials_kernel(partials_ptr, out_ptr, numel, splits, BLOCK: tl.constex
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-Wrap = Callable[[object], object]
-
-
-def _no_wrap(kernel: object) -> object:
-    return kernel
-
-
 def _detect_interpreter() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -322,11 +313,6 @@ def _detect_interpreter() -> bool:
 
 # Triton decides when the kernels are decorated (at import) whether they run in its CPU interpreter.
 INTERPRETED = _detect_interpreter()
-
-
-def is_interpreted() -> bool:
-    """Whether Triton runs the kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
-    return INTERPRETED
 
 
 def _block(size: int, cap: int) -> int:
@@ -361,12 +347,10 @@ def expand_forward_into(
     kernel_size: int,
     *,
     leading_identity: bool = False,
-    wrap: Wrap = _no_wrap,
 ) -> None:
     """Write the expansion of ``reps [G or G-1, d, d]`` and ``weight [O, I, d]`` into the conv weight ``out``
     ``[O·G, I·G_in, k, k]`` (any strides, any float dtype). Shapes are assumed checked by the caller.
 
-    ``wrap`` wraps each kernel before launch (``torch.library.wrap_triton`` inside a ``triton_op``).
     """
     out_channels, in_channels, d = weight.shape
     groups = reps.shape[0] + int(leading_identity)
@@ -377,7 +361,7 @@ def expand_forward_into(
     rows = out_channels * in_channels
     block_r, block_n, block_m = _block(rows, 64), _block(d, 64), _block(d, 32)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(d, block_n), groups)
-    wrap(_expand_forward_kernel)[grid](
+    _expand_forward_kernel[grid](
         reps,
         weight,
         out,
@@ -401,7 +385,8 @@ def expand_forward_into(
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    """How the backward launch is cut; a function of the shapes only, so results are reproducible."""
+    """How the backward launch is cut; a function of the shapes (and whether the dot products run on float32
+    operands) only, so results are reproducible."""
 
     block_r: int
     block_n: int
@@ -412,15 +397,20 @@ class BackwardPlan:
     reps_tiles: int  # programs computing R̄ tiles (all splits)
 
 
-def backward_plan(out_channels: int, in_channels: int, groups: int, learned: int, d: int) -> BackwardPlan:
+def backward_plan(
+    out_channels: int, in_channels: int, groups: int, learned: int, d: int, *, exact: bool = False
+) -> BackwardPlan:
     """Tile sizes and the split of the ``R̄`` reduction for ``groups`` kernel groups (``learned`` of them
-    carry a reps matrix).
+    carry a reps matrix). ``exact``: the dot products run on float32 operands, whose (non-tensor-core) dot
+    keeps whole reduction slices per thread: the reduced dimensions (``n`` for ``θ̄``, the rows ``(o, i)``
+    for ``R̄``) are cut in blocks of 32 instead of 64, which keeps them in registers (ptxas, sm_90).
 
     A ``θ̄`` tile reduces over ``G·d`` terms; the ``O·I`` reduction of ``R̄`` is cut into splits of about that
     length (a multiple of the row block) so that both kinds of program carry similar work.
     """
     rows = out_channels * in_channels
-    block_r, block_n, block_m = _block(rows, 64), _block(d, 64), _block(d, 64)
+    reduced = 32 if exact else 64
+    block_r, block_n, block_m = _block(rows, reduced), _block(d, reduced), _block(d, 64)
     weight_tiles = triton.cdiv(rows, block_r) * triton.cdiv(d, block_m)
     rows_per_split = triton.cdiv(max(groups * d, 1), block_r) * block_r
     splits = max(1, triton.cdiv(rows, rows_per_split))
@@ -437,7 +427,6 @@ def expand_backward_into(
     kernel_size: int,
     *,
     leading_identity: bool = False,
-    wrap: Wrap = _no_wrap,
 ) -> None:
     """Write ``R̄`` into ``grad_reps`` (contiguous, shaped like ``reps``) and ``θ̄`` into ``grad_weight``
     (contiguous ``[O, I, d]``) from the conv-weight gradient ``grad`` ``[O·G, I·G_in, k, k]`` (any strides).
@@ -454,7 +443,8 @@ def expand_backward_into(
         grad_weight.zero_()
         return
     _check_offsets(grad=grad, reps=reps, weight=weight)
-    plan = backward_plan(out_channels, in_channels, groups, learned, d)
+    dot_f32 = _dot_f32(grad, reps, weight)
+    plan = backward_plan(out_channels, in_channels, groups, learned, d, exact=dot_f32)
     partials = plan.splits > 1 and learned > 0
     target = (
         torch.empty((plan.splits, *grad_reps.shape), dtype=torch.float32, device=grad_reps.device)
@@ -463,7 +453,7 @@ def expand_backward_into(
     )
     _check_offsets(grad_reps=target)
     kk = kernel_size * kernel_size
-    wrap(_expand_backward_kernel)[(plan.weight_tiles + plan.reps_tiles,)](
+    _expand_backward_kernel[(plan.weight_tiles + plan.reps_tiles,)](
         grad,
         reps,
         weight,
@@ -482,13 +472,12 @@ def expand_backward_into(
         plan.weight_tiles,
         plan.rows_per_split,
         LEADING_IDENTITY=int(leading_identity),
-        DOT_F32=_dot_f32(grad, reps, weight),
+        DOT_F32=dot_f32,
         BLOCK_R=plan.block_r,
         BLOCK_N=plan.block_n,
         BLOCK_M=plan.block_m,
+        num_warps=8,  # with 4, ptxas spills the 64-wide tiles' operands
     )
     if partials:
         numel, block = grad_reps.numel(), 1024
-        wrap(_sum_partials_kernel)[(triton.cdiv(numel, block),)](
-            target, grad_reps, numel, plan.splits, BLOCK=block
-        )
+        _sum_partials_kernel[(triton.cdiv(numel, block),)](target, grad_reps, numel, plan.splits, BLOCK=block)

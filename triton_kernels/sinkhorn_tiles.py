@@ -153,3 +153,20 @@ def any_outside(inside, mask):
 def in_range(v, lo, hi):
     """Elementwise ``lo <= v <= hi`` (false for NaN)."""
     return (v >= lo) & (v <= hi)
+
+
+@triton.jit
+def rows_converged(previous, current, row_mask, tol, LOG: tl.constexpr):
+    """Per matrix ``[MB]``: 1 if every row sum of the iterate ``P_t`` is within ``tol`` of 1, else 0 (NaN
+    fails).
+
+    ``previous`` is the row scaling of ``P_t`` (``r_t`` / ``f_t``) and ``current`` the next row step's
+    (``r_{t+1}`` / ``f_{t+1}``): the row sums ``r_t ⊙ (K c_t)`` are ``r_t / r_{t+1}``, or
+    ``exp(f_t - f_{t+1})``.
+    """
+    if LOG:
+        sums = tl.exp((previous - current).to(tl.float32))
+    else:
+        sums = previous / tl.where(row_mask, current, 1.0)
+    inside = (tl.abs(sums - 1.0) <= tol) | (~row_mask)
+    return tl.min(tl.min(tl.where(inside, 1, 0), axis=2), axis=1)

@@ -1,18 +1,28 @@
-// Shared by the Sinkhorn kernels: input checks and the limits of the scaling domain.
+// The per-matrix arithmetic of the Sinkhorn kernels that does not depend on the device: the limits of the scaling
+// domain, the domain decision, the early-exit test and the constants of exp. Free of ATen and of the standard
+// library's non-constexpr parts, so that host and CUDA kernels share it.
 #pragma once
-
-#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define SYMKERNELS_HOST_DEVICE __host__ __device__
+#else
+#define SYMKERNELS_HOST_DEVICE
+#endif
+
 namespace symkernels::sinkhorn_detail {
+
+// The `domain` output: how a matrix was iterated (and how its backward runs).
+enum Domain : int32_t { kScalingDomain = 0, kLogDomain = 1 };
 
 // When a matrix is iterated in the scaling domain (K = exp(L0 - rowmax), vectors r, c) rather than in the log
 // domain, by the type K, r and c are computed in:
 //   max_spread: the largest within-row spread max_j L0 - min_j L0 allowed; K's entries then lie in
 //     [exp(-max_spread), 1], far from underflow, and every r_i c_j (<= 1 / K_ij) stays far from overflow.
 //   max_log_scaling: |log r_i| and |log c_j| allowed at every iteration; sums of n such terms times a gradient
-//     must still fit the type (float: e^64 ~ 6e27, double: e^600 ~ 4e260).
+//     must still fit the type (float: e^64 ~ 6e27, double: e^600 ~ 4e260). min_scaling / max_scaling are
+//     exp(-max_log_scaling) / exp(max_log_scaling), written out (exp is not constexpr).
 // A matrix outside these bounds, or with a non-finite logit, is iterated in the log domain instead.
 template <typename T>
 struct ScalingLimits;
@@ -21,53 +31,79 @@ template <>
 struct ScalingLimits<float> {
   static constexpr float max_spread = 40.0f;
   static constexpr float max_log_scaling = 64.0f;
+  static constexpr float min_scaling = 1.6038108905486378e-28f;
+  static constexpr float max_scaling = 6.2351490808116168e27f;
 };
 
 template <>
 struct ScalingLimits<double> {
   static constexpr double max_spread = 300.0;
   static constexpr double max_log_scaling = 600.0;
+  static constexpr double min_scaling = 2.6503965530043108e-261;
+  static constexpr double max_scaling = 3.7730203009299397e260;
 };
 
-inline void check_logits(const char* op, const at::Tensor& logits, c10::DeviceType device) {
-  TORCH_CHECK(logits.device().type() == device, op, ": expected a ", device, " tensor, got ", logits.device());
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [B, n, n], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == logits.size(2), op, ": logits must be square matrices, got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have n >= 1, got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
-              ": logits must be float32 or float64, got ", logits.scalar_type());
+// Whether logits whose L0 = logits / tau has every entry finite and the given largest within-row spread may be
+// iterated in the scaling domain.
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline bool scaling_domain_allowed(bool all_finite, A max_row_spread) {
+  return all_finite && max_row_spread <= ScalingLimits<A>::max_spread;
 }
 
-inline void check_tau(const char* op, double tau) {
-  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
+// Whether a scaling r_i or c_j may stay in the scaling domain (false for NaN).
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline bool scaling_in_range(A v) {
+  return v >= ScalingLimits<A>::min_scaling && v <= ScalingLimits<A>::max_scaling;
 }
 
-inline void check_forward(const at::Tensor& logits, int64_t n_iter, double tau, c10::DeviceType device) {
-  check_logits("sinkhorn_forward", logits, device);
-  TORCH_CHECK(n_iter >= 1, "sinkhorn_forward: n_iter must be >= 1, got ", n_iter);
-  check_tau("sinkhorn_forward", tau);
+// The early exit: tol == 0 disables it; otherwise an iterate passes when every row sum is within tol of 1.
+SYMKERNELS_HOST_DEVICE inline bool early_exit_enabled(double tol) {
+  return tol > 0.0;
 }
 
-inline void check_backward(const at::Tensor& grad_p, const at::Tensor& logits, const at::Tensor& row_log_scalings,
-                           const at::Tensor& col_log_scalings, double tau, c10::DeviceType device) {
-  const char* op = "sinkhorn_backward";
-  check_logits(op, logits, device);
-  check_tau(op, tau);
-  TORCH_CHECK(grad_p.sizes() == logits.sizes(), op, ": grad_p must have the shape of logits ", logits.sizes(),
-              ", got ", grad_p.sizes());
-  TORCH_CHECK(row_log_scalings.dim() == 3 && row_log_scalings.size(0) == logits.size(0) &&
-                  row_log_scalings.size(1) >= 1 && row_log_scalings.size(2) == logits.size(1),
-              op, ": row_log_scalings must have shape [B, T, n] with T >= 1 for logits ", logits.sizes(), ", got ",
-              row_log_scalings.sizes());
-  TORCH_CHECK(col_log_scalings.sizes() == row_log_scalings.sizes(), op,
-              ": col_log_scalings must have the shape of row_log_scalings ", row_log_scalings.sizes(), ", got ",
-              col_log_scalings.sizes());
-  for (const at::Tensor* t : {&grad_p, &row_log_scalings, &col_log_scalings}) {
-    TORCH_CHECK(t->device() == logits.device(), op, ": all tensors must be on ", logits.device(), ", got ",
-                t->device());
-    TORCH_CHECK(t->scalar_type() == logits.scalar_type(), op, ": all tensors must be ", logits.scalar_type(),
-                ", got ", t->scalar_type());
-  }
+// Whether one row sum of an iterate passes the test (false for NaN: a NaN row never reads as converged).
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline bool row_sum_within(A row_sum, A tol) {
+  const A d = row_sum - A(1);
+  return (d < A(0) ? -d : d) <= tol;
 }
+
+// The iterations matrix m may run: caps[m] when caps are given, else n_iter.
+SYMKERNELS_HOST_DEVICE inline int64_t iteration_limit(const int32_t* caps, int64_t m, int64_t n_iter) {
+  return caps != nullptr ? static_cast<int64_t>(caps[m]) : n_iter;
+}
+
+// Constants of exp(x) = 2^k e^r with x = k ln2 + r, |r| <= ln2 / 2 (Cody-Waite reduction, a Taylor polynomial of
+// the given degree for e^r, 2^k assembled in the exponent bits). exp(x) is 0 below `lo` and +inf above `hi`.
+template <typename A>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<double> {
+  using Bits = int64_t;
+  static constexpr double log2e = 1.4426950408889634;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;  // trailing zero bits: k * ln2_hi is exact
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  static constexpr double lo = -708.0;
+  static constexpr double hi = 709.0;
+  static constexpr int mantissa_bits = 52;
+  static constexpr Bits bias = 1023;
+  static constexpr int degree = 13;  // |r|^14 / 14! < 5e-18
+};
+
+template <>
+struct ExpConstants<float> {
+  using Bits = int32_t;
+  static constexpr float log2e = 1.44269504f;
+  static constexpr float ln2_hi = 0.693359375f;
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float shifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float lo = -87.0f;
+  static constexpr float hi = 88.0f;
+  static constexpr int mantissa_bits = 23;
+  static constexpr Bits bias = 127;
+  static constexpr int degree = 7;  // |r|^8 / 8! < 6e-9
+};
 
 }  // namespace symkernels::sinkhorn_detail

@@ -52,24 +52,28 @@ class _WeightSharingConv2d(nn.Module):
 
     def kernel(self) -> torch.Tensor:
         """The conv-ready kernel ``[C_out·G, C_in·G_in, k, k]``."""
-        return functional.expand_kernel(self.representations(), self.weight, self.kernel_size)
+        return functional.expand_kernel(
+            self.reps.learned(), self.weight, self.kernel_size, leading_identity=self.reps.fix_identity
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional.permuted_conv2d(
             x,
-            self.representations(),
+            self.reps.learned(),
             self.weight,
             self.bias,
             kernel_size=self.kernel_size,
             stride=self.stride,
             padding=self.padding,
+            leading_identity=self.reps.fix_identity,
         )
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(norm, entropy)`` of method.md §6; both zero for a fixed stack."""
+        """``(norm, entropy)`` of method.md §6; both zero for a fixed stack. The entropy of the whole stack is
+        that of its learned matrices: a fixed identity adds none."""
         logits = getattr(self.reps, "logits", None)
         norm = self.weight.new_zeros(()) if logits is None else norm_regularizer(logits)
-        return norm, entropy_regularizer(self.representations())
+        return norm, entropy_regularizer(self.reps.learned())
 
     def extra_repr(self) -> str:
         return (

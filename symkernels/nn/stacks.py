@@ -17,7 +17,8 @@ class DoublyStochasticStack(nn.Module):
     as ``U[0, 1)`` draws from ``generator`` (the global generator when None).
     """
 
-    # Set while symkernels.nn.precompute_representations is active: this stack, computed with the others.
+    # Set while symkernels.nn.precompute_representations is active: the learned matrices, computed with the
+    # other stacks of the model.
     _precomputed: torch.Tensor | None = None
 
     def __init__(
@@ -42,15 +43,16 @@ class DoublyStochasticStack(nn.Module):
         self.logits = nn.Parameter(torch.rand(learned, dim, dim, generator=generator))
 
     def forward(self) -> torch.Tensor:
+        """The whole stack ``[group_size, dim, dim]`` (the identity first when fixed)."""
+        learned = self.learned()
+        return functional.prepend_identity(learned) if self.fix_identity else learned
+
+    def learned(self) -> torch.Tensor:
+        """The learned matrices only, ``Sinkhorn(logits)``: ``[group_size − 1, dim, dim]`` with a fixed
+        identity (the layers expand them with the identity in the kernel instead of concatenating it)."""
         if self._precomputed is not None:
             return self._precomputed
-        return functional.representation_stack(
-            self.logits,
-            self.n_iter,
-            self.tau,
-            fix_identity=self.fix_identity,
-            check_finite=self.check_finite,
-        )
+        return functional.sinkhorn(self.logits, self.n_iter, self.tau, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (
@@ -72,7 +74,13 @@ class FixedStack(nn.Module):
         self.group_size, self.dim = matrices.shape[0], matrices.shape[-1]
         self.register_buffer("matrices", matrices.detach().clone())
 
+    fix_identity = False
+
     def forward(self) -> torch.Tensor:
+        return self.matrices
+
+    def learned(self) -> torch.Tensor:
+        """All of the stack (nothing is implicit)."""
         return self.matrices
 
     def extra_repr(self) -> str:

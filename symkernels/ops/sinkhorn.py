@@ -1,45 +1,145 @@
-"""``torch.ops.symkernels`` Sinkhorn ops: fake implementations and autograd.
+"""Sinkhorn: doubly stochastic matrices from logits, for any number of stacks of any sizes in one call.
 
-The native kernels (``csrc/sinkhorn``) implement ``sinkhorn_forward``/``sinkhorn_backward`` per dispatch key.
-``sinkhorn_forward`` returns P and the per-iteration log-scalings (O(T·n) per matrix); its registered
-backward replays the exact T-step VJP from them (``backward="unrolled"``).
-:func:`attach_fixed_point_gradient` gives any forward the gradient of the converged map instead
-(``backward="implicit"``).
+The op family, the same contract on every device::
+
+    symkernels::sinkhorn(logits, sizes, counts, n_iter, tau, tol, caps, backend)
+        -> (p, cols, domain, iterations)
+    symkernels::sinkhorn_backward(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend)
+
+``logits`` is one flat buffer of matrices laid back to back, row-major: stack ``l`` holds ``counts[l]``
+matrices of ``sizes[l] × sizes[l]`` (a single stack is the case of one entry). Each matrix is iterated (rows,
+then columns) in the scaling domain, or in the log domain when its logits are too spread out for it, until its
+rows sum to 1 within ``tol`` (``tol = 0``: no test) or its cap (``caps[m]``, else ``n_iter``) is reached; the
+test is decided on the device, per matrix, without host synchronisation. The forward saves what the exact
+backward needs: ``cols [M, n_iter, max n]`` (float64: each iteration's column scalings, ``c_t`` or ``g_t``,
+zero past the last iteration), ``domain [M]`` (0 scaling, 1 log) and ``iterations [M]``; the backward, the
+exact vector-Jacobian product of the iterations each matrix ran, recomputes the row scalings from them.
+
+Implementations: ``cpu`` and ``cuda`` (the native library's ``sinkhorn_forward``/``sinkhorn_backward``),
+``triton`` (:mod:`symkernels.ops.sinkhorn_triton`); ``backend`` names one of them (``"auto"``: chosen by
+:func:`symkernels.backends.resolve`). The pure-PyTorch ``reference`` is called directly by :func:`sinkhorn`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from symkernels import _native
+from symkernels import _native, backends
+from symkernels._checks import (
+    check_all_finite,
+    check_positive_int,
+    check_square_stack,
+    check_stack_list,
+    check_tau,
+    check_tensor,
+)
+from symkernels._checks import (
+    check_finite as _check_finite,
+)
+from symkernels.reference.sinkhorn import STOP_RULES, sinkhorn_reference
 
-__all__ = ["attach_fixed_point_gradient", "fixed_point_vjp", "native_sinkhorn"]
+__all__ = ["BACKWARD_MODES", "fixed_point_vjp", "grouped_sinkhorn", "sinkhorn"]
+
+BACKWARD_MODES = ("unrolled", "implicit")
+
+torch.library.define(
+    "symkernels::sinkhorn",
+    "(Tensor logits, int[] sizes, int[] counts, int n_iter, float tau, float tol, Tensor? caps, str backend)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "symkernels::sinkhorn_backward",
+    "(Tensor grad_p, Tensor logits, int[] sizes, int[] counts, Tensor cols, Tensor domain, Tensor iterations,"
+    " float tau, str backend) -> Tensor",
+)
 
 
-def native_sinkhorn(logits: torch.Tensor, n_iter: int, tau: float) -> torch.Tensor:
-    """``[..., n, n]`` → P through ``symkernels::sinkhorn_forward`` (float32 at least, input dtype out)."""
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    n = logits.shape[-1]
-    batch = logits.reshape(-1, n, n).to(compute).contiguous()
-    p, _, _ = torch.ops.symkernels.sinkhorn_forward(batch, n_iter, tau)
-    return p.reshape(logits.shape).to(logits.dtype)
+class _Native:
+    """The native library's kernels; on the CPU, float16 and bfloat16 are computed in float32."""
+
+    @staticmethod
+    def _widen(tensor: torch.Tensor) -> torch.Tensor:
+        low = tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
+        return tensor.float() if low else tensor
+
+    @classmethod
+    def forward(cls, logits, sizes, counts, n_iter, tau, tol, caps):
+        p, cols, domain, iterations = _native.library().sinkhorn_forward(
+            cls._widen(logits), sizes, counts, n_iter, tau, tol, caps
+        )
+        return p.to(logits.dtype), cols, domain, iterations
+
+    @classmethod
+    def backward(cls, grad_p, logits, sizes, counts, cols, domain, iterations, tau):
+        grad = _native.library().sinkhorn_backward(
+            cls._widen(grad_p), cls._widen(logits), sizes, counts, cols, domain, iterations, tau
+        )
+        return grad.to(logits.dtype)
 
 
-def _forward_setup_context(ctx, inputs, output) -> None:
-    logits, _, tau = inputs
-    _, row_log_scalings, col_log_scalings = output
-    ctx.save_for_backward(logits, row_log_scalings, col_log_scalings)
-    ctx.tau = tau
+def _kernels(backend: str, tensor: torch.Tensor, op: str):
+    """The implementation that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``tensor``."""
+    name = backends.resolve(None if backend == "auto" else backend, tensor.device, tensor.dtype, op)
+    if name == "triton":
+        from symkernels.ops import sinkhorn_triton
+
+        return sinkhorn_triton
+    if name == "reference":
+        raise RuntimeError(
+            f"{op} has no {tensor.device.type} {tensor.dtype} kernel here "
+            f"({backends.backend_status()['cpu'].detail}); symkernels.sinkhorn(..., backend='reference') "
+            "computes it in pure PyTorch"
+        )
+    return _Native
 
 
-def _forward_backward(ctx, grad_p, grad_rows, grad_cols):
-    logits, row_log_scalings, col_log_scalings = ctx.saved_tensors
-    if grad_p is None:
-        return None, None, None
-    grad_logits = torch.ops.symkernels.sinkhorn_backward(
-        grad_p.contiguous(), logits, row_log_scalings, col_log_scalings, ctx.tau
+@torch.library.impl("symkernels::sinkhorn", ("cpu", "cuda"))
+def _forward(logits, sizes, counts, n_iter, tau, tol, caps, backend):
+    return _kernels(backend, logits, "sinkhorn").forward(logits, sizes, counts, n_iter, tau, tol, caps)
+
+
+@torch.library.impl("symkernels::sinkhorn_backward", ("cpu", "cuda"))
+def _backward_impl(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend):
+    kernels = _kernels(backend, logits, "sinkhorn_backward")
+    return kernels.backward(grad_p, logits, sizes, counts, cols, domain, iterations, tau)
+
+
+@torch.library.register_fake("symkernels::sinkhorn")
+def _(logits, sizes, counts, n_iter, tau, tol, caps, backend):
+    matrices, max_n = sum(counts), max(sizes, default=0)
+    flags = logits.new_empty((matrices,), dtype=torch.int32)
+    cols = logits.new_empty((matrices, n_iter, max_n), dtype=torch.float64)
+    return torch.empty_like(logits), cols, flags, torch.empty_like(flags)
+
+
+@torch.library.register_fake("symkernels::sinkhorn_backward")
+def _(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, sizes, counts, _, tau, _, _, backend = inputs
+    _, cols, domain, iterations = output
+    ctx.save_for_backward(logits, cols, domain, iterations)
+    ctx.layout, ctx.tau, ctx.backend = (list(sizes), list(counts)), tau, backend
+    ctx.mark_non_differentiable(cols, domain, iterations)
+
+
+def _autograd(ctx, grad_p, grad_cols, grad_domain, grad_iterations):
+    logits, cols, domain, iterations = ctx.saved_tensors
+    grad = torch.ops.symkernels.sinkhorn_backward(
+        grad_p.contiguous(), logits, *ctx.layout, cols, domain, iterations, ctx.tau, ctx.backend
     )
-    return grad_logits, None, None
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("symkernels::sinkhorn", _autograd, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The implicit gradient: the VJP of the converged map, for any forward.
 
 
 def fixed_point_vjp(p: torch.Tensor, grad_p: torch.Tensor, tau: float) -> torch.Tensor:
@@ -62,55 +162,179 @@ def fixed_point_vjp(p: torch.Tensor, grad_p: torch.Tensor, tau: float) -> torch.
     return p * (grad_p - alpha.unsqueeze(-1) - beta.unsqueeze(-2)) / tau
 
 
-@torch.library.custom_op("symkernels::fixed_point_sinkhorn", mutates_args=())
-def _fixed_point_sinkhorn(logits: torch.Tensor, p: torch.Tensor, tau: float) -> torch.Tensor:
-    return p.clone()
+class _ImplicitGradient(torch.autograd.Function):
+    """``p`` (computed without gradients, by any backend) carrying the implicit gradient wrt ``logits``."""
+
+    @staticmethod
+    def forward(logits, p, tau):
+        return p.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, p, tau = inputs
+        ctx.save_for_backward(p)
+        ctx.tau = tau
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+        return fixed_point_vjp(p.to(compute), grad.to(compute), ctx.tau).to(p.dtype), None, None
 
 
-@_fixed_point_sinkhorn.register_fake
-def _(logits, p, tau):
-    return torch.empty_like(p)
+# ------------------------------------------------------------------------------------------------------------
+# The public functions: checks, the backend choice, the op (or the reference), the stack stopping rule.
+
+_STACK_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _fixed_point_setup_context(ctx, inputs, output) -> None:
-    _, p, tau = inputs
-    ctx.save_for_backward(p)
-    ctx.tau = tau
+def _stack_index(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[M]``: the stack of each matrix, built on the device (no host-to-device copy inside a graph)."""
+    key = (tuple(counts), str(device))
+    index = None if torch.compiler.is_compiling() else _STACK_INDEX_CACHE.get(key)
+    if index is None:
+        parts = [torch.full((c,), s, dtype=torch.int64, device=device) for s, c in enumerate(counts)]
+        index = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)
+        if not torch.compiler.is_compiling():
+            _STACK_INDEX_CACHE[key] = index
+    return index
 
 
-def _fixed_point_backward(ctx, grad):
-    (p,) = ctx.saved_tensors
-    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-    n = p.shape[-1]
-    grad_logits = fixed_point_vjp(
-        p.reshape(-1, n, n).to(compute), grad.reshape(-1, n, n).to(compute), ctx.tau
-    ).reshape(p.shape)
-    return grad_logits.to(p.dtype), None, None
+def _stack_caps(iterations: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Each matrix's cap: the most iterations any matrix of its stack ran."""
+    index = _stack_index(counts, iterations.device)
+    most = iterations.new_zeros(len(counts)).scatter_reduce(0, index, iterations, "amax", include_self=False)
+    return most[index]
 
 
-_fixed_point_sinkhorn.register_autograd(_fixed_point_backward, setup_context=_fixed_point_setup_context)
+def _run_op(
+    flat: torch.Tensor,
+    sizes: list[int],
+    counts: list[int],
+    n_iter: int,
+    tau: float,
+    tol: float,
+    stop: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    caps = None
+    if stop == "stack" and tol > 0:
+        # Every matrix of a stack runs as many iterations as its slowest one needs: first find out how many.
+        with torch.no_grad():
+            first = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, None, backend)[3]
+        caps, tol = _stack_caps(first, counts), 0.0
+    p, _, _, iterations = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, caps, backend)
+    return p, iterations
 
 
-def attach_fixed_point_gradient(logits: torch.Tensor, p: torch.Tensor, tau: float) -> torch.Tensor:
-    """P (computed by any backend, detached) carrying the implicit gradient of the converged map wrt logits.
+def _check_options(
+    n_iter: object, tau: object, tol: object, stop: object, backward: object
+) -> tuple[float, float]:
+    check_positive_int(n_iter, "n_iter")
+    tau = check_tau(tau)
+    if tol is None:
+        tol = 0.0
+    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or tol == float("inf"):
+        raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    return tau, float(tol)
 
-    It equals the unrolled gradient only when the forward has converged.
+
+def sinkhorn(
+    logits: torch.Tensor,
+    n_iter: int = 20,
+    tau: float = 1.0,
+    *,
+    tol: float | None = None,
+    stop: str = "matrix",
+    backend: str | None = None,
+    backward: str = "unrolled",
+    check_finite: bool = True,
+    return_iterations: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Doubly stochastic matrices from ``[..., n, n]`` logits (log domain, rows then columns per iteration).
+
+    Returns the input dtype; computes in float32 at least (float64 stays float64).
+
+    ``tol``: a matrix stops after the first iteration whose row sums are all within ``tol`` of 1 (its columns
+    sum to 1 after every iteration), or after ``n_iter``; decided on the device, per matrix. ``stop="stack"``
+    makes every matrix run as many iterations as the slowest one (the authors' loop with
+    ``tol=AUTHORS_TOLERANCE``). ``return_iterations=True`` also returns the iterations each matrix ran
+    (int32, ``logits.shape[:-2]``).
+
+    ``backward="unrolled"`` (default) is the exact gradient of the iterations that ran, equal to autograd
+    through the loop; ``"implicit"`` differentiates the fixed point (the converged map), equal to it only once
+    the forward has converged. ``check_finite=False`` skips the NaN/Inf test, which reads a flag from the
+    device (a host sync) on every call; the output is then NaN for matrices whose logits are not finite.
     """
-    return _fixed_point_sinkhorn(logits, p.detach(), tau)
+    logits = check_tensor(logits, "logits")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
+    check_square_stack(logits, "logits")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have n >= 1, got shape {tuple(logits.shape)}")
+    tau, tol = _check_options(n_iter, tau, tol, stop, backward)
+    if check_finite:
+        _check_finite(logits, "logits")
+    name = backends.resolve(backend, logits.device, logits.dtype, "sinkhorn")
+    batch_shape, n = logits.shape[:-2], logits.shape[-1]
+    source = logits.detach() if backward == "implicit" else logits
+    if name == "reference":
+        with torch.set_grad_enabled(torch.is_grad_enabled() and backward == "unrolled"):
+            p, iterations = sinkhorn_reference(
+                source, n_iter, tau, tol=tol, stop=stop, return_iterations=True
+            )
+    else:
+        # One op call is one stack: stop="stack" treats the whole batch as one.
+        flat = source.reshape(-1).contiguous()
+        matrices = flat.numel() // (n * n)
+        p, iterations = _run_op(flat, [n], [matrices], n_iter, tau, tol, stop, name)
+        p, iterations = p.view(logits.shape), iterations.view(batch_shape)
+    if backward == "implicit":
+        p = _ImplicitGradient.apply(logits, p, tau)
+    return (p, iterations) if return_iterations else p
 
 
-if _native.native_status().loaded and _native.has_ops(("sinkhorn_forward", "sinkhorn_backward")):
+def grouped_sinkhorn(
+    stacks: Sequence[torch.Tensor],
+    n_iter: int = 20,
+    tau: float = 1.0,
+    *,
+    tol: float | None = None,
+    stop: str = "matrix",
+    backend: str | None = None,
+    check_finite: bool = True,
+    return_iterations: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`sinkhorn` of every ``[G_l, n_l, n_l]`` stack of ``stacks`` (sizes may differ) in one op call.
 
-    @torch.library.register_fake("symkernels::sinkhorn_forward")
-    def _(logits, n_iter, tau):
-        batch, n, _ = logits.shape
-        scalings = logits.new_empty(batch, n_iter, n)
-        return torch.empty_like(logits), scalings, torch.empty_like(scalings)
-
-    @torch.library.register_fake("symkernels::sinkhorn_backward")
-    def _(grad_p, logits, row_log_scalings, col_log_scalings, tau):
-        return torch.empty_like(logits)
-
-    torch.library.register_autograd(
-        "symkernels::sinkhorn_forward", _forward_backward, setup_context=_forward_setup_context
-    )
+    ``stop="stack"`` applies per stack. Gradients are the exact unrolled ones. With ``return_iterations``,
+    also the list of iterations (int32 ``[G_l]``) per stack.
+    """
+    checked = check_stack_list(stacks)
+    tau, tol = _check_options(n_iter, tau, tol, stop, "unrolled")
+    for index, stack in enumerate(checked):
+        if stack.shape[-1] < 1:
+            raise ValueError(f"stacks[{index}] must have n >= 1, got shape {tuple(stack.shape)}")
+    if not checked:
+        return ([], []) if return_iterations else []
+    if check_finite:
+        check_all_finite(checked)
+    first = checked[0]
+    name = backends.resolve(backend, first.device, first.dtype, "sinkhorn")
+    if name == "reference":
+        pairs = [
+            sinkhorn_reference(s, n_iter, tau, tol=tol, stop=stop, return_iterations=True) for s in checked
+        ]
+        outputs, iterations = [p for p, _ in pairs], [i for _, i in pairs]
+    else:
+        sizes, counts = [s.shape[-1] for s in checked], [s.shape[0] for s in checked]
+        flat = torch.cat([s.reshape(-1) for s in checked]) if len(checked) > 1 else first.reshape(-1)
+        p, flat_iterations = _run_op(flat.contiguous(), sizes, counts, n_iter, tau, tol, stop, name)
+        pieces = p.split([c * n * n for n, c in zip(sizes, counts, strict=True)])
+        outputs = [piece.view(c, n, n) for piece, n, c in zip(pieces, sizes, counts, strict=True)]
+        iterations = list(flat_iterations.split(counts))
+    return (outputs, iterations) if return_iterations else outputs

@@ -1,0 +1,99 @@
+// Entry points of the kernel-expansion ops: input checks, output allocation, and the kernel of the inputs' device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+#include "expansion/expansion.h"
+
+namespace symkernels {
+namespace {
+
+void check_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(!t.is_cuda(), op, ": ", name, " is on ", t.device(),
+              ", but symkernels has no CUDA kernel for this op yet; pass CPU tensors");
+  TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// The shape of an expansion, from checked inputs.
+struct ExpansionShape {
+  int64_t learned;   // G'
+  int64_t groups;    // G
+  int64_t d;
+  int64_t out;       // O
+  int64_t in;        // I
+  int64_t in_group;  // G_in = d / k^2
+  int64_t k;
+};
+
+ExpansionShape check_inputs(const char* op, const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size,
+                            bool leading_identity) {
+  check_device(op, "reps", reps);
+  check_device(op, "weight", weight);
+  TORCH_CHECK(reps.dim() == 3 && reps.size(1) == reps.size(2), op, ": reps must have shape [G', d, d], got ",
+              reps.sizes());
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must have shape [O, I, d], got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) == reps.size(2), op, ": weight [O, I, d] and reps [G', d, d] disagree on d: ",
+              weight.sizes(), " vs ", reps.sizes());
+  TORCH_CHECK(reps.scalar_type() == at::kFloat || reps.scalar_type() == at::kDouble, op,
+              ": reps must be float32 or float64, got ", reps.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == reps.scalar_type(), op, ": weight must have the dtype of reps (",
+              reps.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == reps.device(), op, ": weight must be on reps' device ", reps.device(), ", got ",
+              weight.device());
+  // (The upper bound keeps kernel_size^2 within int64.)
+  TORCH_CHECK(kernel_size >= 1 && kernel_size <= 3037000499, op, ": kernel_size must be in 1..3037000499, got ",
+              kernel_size);
+  const int64_t d = reps.size(2);
+  const int64_t k2 = kernel_size * kernel_size;
+  TORCH_CHECK(d % k2 == 0, op, ": d = ", d, " (the last dimension of reps and weight) must be a multiple of ",
+              "kernel_size^2 = ", k2);
+  const int64_t learned = reps.size(0);
+  return {learned, learned + (leading_identity ? 1 : 0), d, weight.size(0), weight.size(1), d / k2, kernel_size};
+}
+
+}  // namespace
+
+at::Tensor expand_forward(const at::Tensor& reps_in, const at::Tensor& weight_in, int64_t kernel_size,
+                          bool leading_identity) {
+  const ExpansionShape s = check_inputs("expand_forward", reps_in, weight_in, kernel_size, leading_identity);
+  at::Tensor kernel = at::empty({s.out * s.groups, s.in * s.in_group, s.k, s.k}, weight_in.options());
+  if (kernel.numel() > 0) {
+    expansion_detail::expand_forward_cpu(reps_in.contiguous(), weight_in.contiguous(), leading_identity,
+                                         kernel.view({s.out, s.groups, s.in, s.d}));
+  }
+  return kernel;
+}
+
+std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad_in, const at::Tensor& reps_in,
+                                                   const at::Tensor& weight_in, int64_t kernel_size,
+                                                   bool leading_identity) {
+  const char* op = "expand_backward";
+  const ExpansionShape s = check_inputs(op, reps_in, weight_in, kernel_size, leading_identity);
+  check_device(op, "grad_kernel", grad_in);
+  TORCH_CHECK(grad_in.device() == reps_in.device(), op, ": grad_kernel must be on reps' device ", reps_in.device(),
+              ", got ", grad_in.device());
+  TORCH_CHECK(grad_in.scalar_type() == reps_in.scalar_type(), op,
+              ": grad_kernel must have the dtype of reps and weight (", reps_in.scalar_type(), "), got ",
+              grad_in.scalar_type());
+  const std::vector<int64_t> expected{s.out * s.groups, s.in * s.in_group, s.k, s.k};
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef(expected), op,
+              ": grad_kernel must have the kernel's shape [O*G, I*G_in, k, k] = ", at::IntArrayRef(expected),
+              ", got ", grad_in.sizes());
+
+  const auto options = reps_in.options().memory_format(at::MemoryFormat::Contiguous);
+  if (s.out == 0 || s.in == 0 || s.d == 0 || s.groups == 0) {
+    // Every sum is empty (or there is nothing to sum into): zero gradients of the right shapes.
+    return {at::zeros({s.learned, s.d, s.d}, options), at::zeros({s.out, s.in, s.d}, options)};
+  }
+  at::Tensor grad_reps = at::empty({s.learned, s.d, s.d}, options);
+  at::Tensor grad_weight = at::empty({s.out, s.in, s.d}, options);
+  expansion_detail::expand_backward_cpu(grad_in.contiguous().view({s.out, s.groups, s.in, s.d}),
+                                        reps_in.contiguous(), weight_in.contiguous(), leading_identity, grad_reps,
+                                        grad_weight);
+  return {grad_reps, grad_weight};
+}
+
+}  // namespace symkernels

@@ -1,0 +1,559 @@
+"""The native CPU kernels called directly (``symkernels._C``): ragged Sinkhorn forward/backward and the kernel
+expansion, against the pure-PyTorch reference, plus their saved state and their input checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from symkernels import _native
+from symkernels.reference.expansion import expand_kernel_reference
+from symkernels.reference.sinkhorn import sinkhorn_reference
+from tests.testing import assert_as_accurate_as_reference, make_logits, random_permutation_matrix
+
+native = _native.library()
+pytestmark = pytest.mark.skipif(
+    native is None or not hasattr(native, "sinkhorn_forward"),
+    reason=f"native library without the ragged kernels: {_native.native_status().reason}",
+)
+
+EPS64 = torch.finfo(torch.float64).eps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sinkhorn helpers
+
+
+def pack(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """[c, n, n] stacks -> (1-D logits, sizes, counts)."""
+    flat = torch.cat([s.reshape(-1) for s in stacks]) if stacks else torch.zeros(0, dtype=torch.float64)
+    return flat, [s.shape[-1] for s in stacks], [s.shape[0] for s in stacks]
+
+
+def unpack(flat: torch.Tensor, sizes: list[int], counts: list[int]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for n, c in zip(sizes, counts, strict=True):
+        out.append(flat[offset : offset + c * n * n].view(c, n, n))
+        offset += c * n * n
+    assert offset == flat.numel()
+    return out
+
+
+def forward(stacks, n_iter, tau, tol=0.0, caps=None):
+    flat, sizes, counts = pack(stacks)
+    p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, n_iter, tau, tol, caps)
+    return flat, sizes, counts, p, cols, domain, iterations
+
+
+def backward(grads, flat, sizes, counts, cols, domain, iterations, tau):
+    grad_p, _, _ = pack(grads)
+    return native.sinkhorn_backward(grad_p, flat, sizes, counts, cols, domain, iterations, tau)
+
+
+def reference_with_grad(stack, n_iter, tau, grad, tol=0.0):
+    """P, iterations and the autograd gradient of the reference."""
+    x = stack.detach().clone().requires_grad_()
+    p, iterations = sinkhorn_reference(x, n_iter, tau, tol=tol, return_iterations=True)
+    (g,) = torch.autograd.grad(p, x, grad)
+    return p.detach(), iterations, g
+
+
+def ragged_stacks(dtype=torch.float64, scale=1.0, seed=0):
+    """A ragged mix: n = 1, a stack with no matrix, odd and vector-width sizes."""
+    spec = [(1, 2), (3, 0), (2, 1), (5, 3), (8, 2), (25, 1), (13, 2)]
+    return [make_logits(c, n, n, dtype=dtype, scale=scale, seed=seed + i) for i, (n, c) in enumerate(spec)]
+
+
+def assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter):
+    sizes = [s.shape[-1] for s in stacks]
+    counts = [s.shape[0] for s in stacks]
+    num = sum(counts)
+    max_n = max((n for n, c in zip(sizes, counts, strict=True) if c > 0), default=0)
+    assert cols.shape == (num, n_iter, max_n) and cols.dtype == torch.float64
+    assert domain.shape == (num,) and domain.dtype == torch.int32
+    assert iterations.shape == (num,) and iterations.dtype == torch.int32
+    assert bool(((domain == 0) | (domain == 1)).all())
+    assert bool(((iterations >= 1) & (iterations <= n_iter)).all())
+    assert torch.isfinite(cols).all()
+    m = 0
+    for n, c in zip(sizes, counts, strict=True):
+        for _ in range(c):
+            ran = int(iterations[m])
+            assert torch.all(cols[m, ran:] == 0), "rows past the iterations run must be zero"
+            assert torch.all(cols[m, :, n:] == 0), "columns past the matrix size must be zero"
+            m += 1
+
+
+def assert_cols_follow_the_recurrence(stack, tau, p, cols, domain, iterations):
+    """Independently of the kernel, for every saved t: c_t = 1 / (K' r_t), r_t = 1 / (K c_{t-1}) with
+    K = exp(L0 - rowmax) (scaling domain), or g_t = -lse_i(L0 + f_t), f_t = -lse_j(L0 + g_{t-1}) (log domain);
+    and P = diag(r_T) K diag(c_T) (or exp(L0 + f_T 1' + 1 g_T'))."""
+    n = stack.shape[-1]
+    for b in range(stack.shape[0]):
+        l0 = stack[b] / tau
+        ran = int(iterations[b])
+        saved = cols[b, :ran, :n]
+        if int(domain[b]) == 0:
+            k = torch.exp(l0 - l0.amax(-1, keepdim=True))
+            prev = torch.ones(n, dtype=torch.float64)
+            for t in range(ran):
+                r = 1 / (k @ prev)
+                torch.testing.assert_close(saved[t], 1 / (k.T @ r), rtol=1e-12, atol=0)
+                prev = saved[t]
+            rebuilt = r[:, None] * k * saved[-1]
+        else:
+            prev = torch.zeros(n, dtype=torch.float64)
+            for t in range(ran):
+                f = -torch.logsumexp(l0 + prev, dim=-1)
+                expected = -torch.logsumexp(l0 + f[:, None], dim=-2)
+                torch.testing.assert_close(saved[t], expected, rtol=1e-12, atol=1e-12 * l0.abs().max().item())
+                prev = saved[t]
+            rebuilt = torch.exp(l0 + f[:, None] + saved[-1])
+        torch.testing.assert_close(p[b].to(torch.float64), rebuilt, rtol=1e-12, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sinkhorn forward and backward in float64: the exact map and its exact VJP
+
+
+@pytest.mark.parametrize("n_iter,tau", [(1, 1.0), (5, 0.5), (20, 1.0), (20, 3.0)])
+def test_ragged_forward_and_backward_match_reference(n_iter, tau):
+    stacks = ragged_stacks(scale=2.0, seed=n_iter)
+    flat, sizes, counts, p, cols, domain, iterations = forward(stacks, n_iter, tau)
+    assert p.shape == flat.shape and p.dtype == flat.dtype
+    assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter)
+    assert torch.all(domain == 0) and torch.all(iterations == n_iter)
+    grads = [make_logits(*s.shape, dtype=torch.float64, seed=100 + i) for i, s in enumerate(stacks)]
+    grad_logits = backward(grads, flat, sizes, counts, cols, domain, iterations, tau)
+    m = 0
+    for stack, got_p, got_g, grad in zip(
+        stacks, unpack(p, sizes, counts), unpack(grad_logits, sizes, counts), grads, strict=True
+    ):
+        if stack.shape[0] == 0:
+            continue
+        want_p, _, want_g = reference_with_grad(stack, n_iter, tau, grad)
+        torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-14)
+        scale = want_g.abs().max().clamp_min(1e-300)
+        torch.testing.assert_close(got_g / scale, want_g / scale, rtol=0, atol=1e-12)
+        count = stack.shape[0]
+        state = (cols[m : m + count], domain[m : m + count], iterations[m : m + count])
+        assert_cols_follow_the_recurrence(stack, tau, got_p, *state)
+        m += count
+
+
+def test_gradcheck_through_the_native_pair():
+    class NativeSinkhorn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, flat, sizes, counts, n_iter, tau, caps):
+            p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, n_iter, tau, 0.0, caps)
+            ctx.save_for_backward(flat, cols, domain, iterations)
+            ctx.layout = (sizes, counts, tau)
+            return p
+
+        @staticmethod
+        def backward(ctx, grad_p):
+            flat, cols, domain, iterations = ctx.saved_tensors
+            sizes, counts, tau = ctx.layout
+            grad = native.sinkhorn_backward(
+                grad_p.contiguous(), flat, sizes, counts, cols, domain, iterations, tau
+            )
+            return grad, None, None, None, None, None
+
+    flat, sizes, counts = pack(
+        [make_logits(c, n, n, dtype=torch.float64, seed=n) for n, c in ((1, 1), (3, 2), (4, 1))]
+    )
+    caps = torch.tensor([2, 1, 3, 5], dtype=torch.int32)
+    for caps_or_none in (None, caps):
+        x = flat.clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda t, caps=caps_or_none: NativeSinkhorn.apply(t, sizes, counts, 5, 0.7, caps), (x,)
+        )
+
+
+def test_extreme_logits_stay_exact():
+    """Saturated and sharp logits, tau 1e-3..1e2, logits up to 1e4 in size, n = 1, both domains. The reference
+    itself rounds log P with an absolute error ~eps |L0|, so errors are measured relative to
+    kappa = max(1, |L0|) (and gradients to their natural scale max|grad_p| / tau): within ~50 eps of that."""
+    gen = torch.Generator().manual_seed(0)
+    makers = {
+        "saturated": lambda n: 1e4 * torch.rand(2, n, n, dtype=torch.float64, generator=gen),
+        "signed": lambda n: 1e4 * torch.randn(2, n, n, dtype=torch.float64, generator=gen),
+        "sharp": lambda n: 3 * torch.randn(2, n, n, dtype=torch.float64, generator=gen),
+        "near_permutation": lambda n: (
+            8 * random_permutation_matrix(n, seed=n).expand(2, n, n)
+            + 0.1 * torch.randn(2, n, n, dtype=torch.float64, generator=gen)
+        ),
+    }
+    domains_seen = set()
+    for (name, make), n, tau, n_iter in itertools.product(
+        makers.items(), (1, 2, 7, 25), (1e-3, 1e-1, 1.0, 1e2), (1, 20)
+    ):
+        stack = make(n)
+        flat, sizes, counts, p, cols, domain, iterations = forward([stack], n_iter, tau)
+        grad = torch.randn(stack.shape, dtype=torch.float64, generator=gen)
+        grad_logits = backward([grad], flat, sizes, counts, cols, domain, iterations, tau)
+        assert torch.isfinite(p).all() and torch.isfinite(grad_logits).all(), (name, n, tau)
+        want_p, _, want_g = reference_with_grad(stack, n_iter, tau, grad)
+        kappa = max(1.0, (stack / tau).abs().max().item())
+        p_error = (p.view_as(want_p) - want_p).abs().max().item()
+        g_error = (grad_logits.view_as(want_g) - want_g).abs().max().item() * tau / grad.abs().max().item()
+        assert p_error <= 50 * EPS64 * kappa, (name, n, tau, n_iter, p_error)
+        assert g_error <= 50 * EPS64 * kappa, (name, n, tau, n_iter, g_error)
+        domains_seen.update(domain.tolist())
+    assert domains_seen == {0, 1}
+
+
+def test_log_domain_for_spread_and_non_finite_logits():
+    spread = torch.tensor([[[0.0, 400.0], [1.0, 0.0]]], dtype=torch.float64)  # within-row spread 400 > 300
+    mild = make_logits(1, 2, 2, dtype=torch.float64)
+    stack = torch.cat([spread, mild])
+    flat, sizes, counts, p, cols, domain, iterations = forward([stack], 6, 1.0)
+    assert domain.tolist() == [1, 0]
+    torch.testing.assert_close(p.view(2, 2, 2), sinkhorn_reference(stack, 6, 1.0), rtol=1e-12, atol=1e-14)
+    assert_cols_follow_the_recurrence(stack, 1.0, p.view(2, 2, 2), cols, domain, iterations)
+    nan = torch.tensor([[[0.0, float("nan")], [0.0, 0.0]]], dtype=torch.float64)
+    *_, domain, _ = forward([torch.cat([nan, mild])], 3, 1.0)
+    assert domain.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_early_exit_matches_reference(tol):
+    gen = torch.Generator().manual_seed(int(-torch.log10(torch.tensor(tol))))
+    stacks = [
+        torch.rand(3, 25, 25, dtype=torch.float64, generator=gen),  # converges in a few iterations
+        3 * torch.randn(2, 9, 9, dtype=torch.float64, generator=gen),  # runs longer
+        torch.rand(2, 1, 1, dtype=torch.float64, generator=gen),  # n = 1: P_1 = [1] passes at t = 1
+    ]
+    n_iter, tau = 20, 1.0
+    flat, sizes, counts, p, cols, domain, iterations = forward(stacks, n_iter, tau, tol=tol)
+    assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter)
+    grads = [make_logits(*s.shape, dtype=torch.float64, seed=7 + i) for i, s in enumerate(stacks)]
+    grad_logits = backward(grads, flat, sizes, counts, cols, domain, iterations, tau)
+    expected_iterations = []
+    for stack, got_p, got_g, grad in zip(
+        stacks, unpack(p, sizes, counts), unpack(grad_logits, sizes, counts), grads, strict=True
+    ):
+        want_p, want_it, want_g = reference_with_grad(stack, n_iter, tau, grad, tol=tol)
+        m, count = len(expected_iterations), stack.shape[0]
+        state = (cols[m : m + count], domain[m : m + count], iterations[m : m + count])
+        assert_cols_follow_the_recurrence(stack, tau, got_p, *state)
+        expected_iterations += want_it.tolist()
+        torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-14)
+        scale = want_g.abs().max().clamp_min(1e-300)
+        torch.testing.assert_close(got_g / scale, want_g / scale, rtol=0, atol=1e-12)
+    assert iterations.tolist() == expected_iterations
+    assert min(expected_iterations) < n_iter, "the early exit must trigger somewhere"
+    assert iterations[-2:].tolist() == [1, 1]
+
+
+def test_caps_limit_each_matrix():
+    stack = make_logits(5, 6, 6, dtype=torch.float64, scale=3.0)
+    caps = torch.tensor([1, 4, 9, 2, 9], dtype=torch.int32)
+    for tol in (0.0, 1e-4):
+        flat, sizes, counts, p, cols, domain, iterations = forward([stack], 9, 0.5, tol=tol, caps=caps)
+        assert_state_is_well_formed([stack], cols, domain, iterations, 9)
+        grad = make_logits(5, 6, 6, dtype=torch.float64, seed=1)
+        grad_logits = backward([grad], flat, sizes, counts, cols, domain, iterations, 0.5)
+        assert_cols_follow_the_recurrence(stack, 0.5, p.view(5, 6, 6), cols, domain, iterations)
+        for m in range(5):
+            want_p, want_it, want_g = reference_with_grad(
+                stack[m : m + 1], int(caps[m]), 0.5, grad[m : m + 1], tol=tol
+            )
+            assert int(iterations[m]) == int(want_it[0]) <= int(caps[m])
+            torch.testing.assert_close(p.view(5, 6, 6)[m : m + 1], want_p, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(grad_logits.view(5, 6, 6)[m : m + 1], want_g, rtol=1e-10, atol=1e-13)
+        if tol == 0.0:
+            assert iterations.tolist() == caps.tolist()
+
+
+def test_no_matrices_gives_empty_well_shaped_outputs():
+    for sizes, counts in (([], []), ([4, 2], [0, 0])):
+        flat = torch.zeros(0, dtype=torch.float64)
+        p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, 7, 1.0, 0.0, None)
+        assert (
+            p.shape == (0,) and cols.shape == (0, 7, 0) and domain.shape == (0,) and iterations.shape == (0,)
+        )
+        grad = native.sinkhorn_backward(flat, flat, sizes, counts, cols, domain, iterations, 1.0)
+        assert grad.shape == (0,)
+
+
+def test_float32_is_as_accurate_as_the_float32_reference():
+    gen = torch.Generator().manual_seed(0)
+    regimes = {
+        "uniform": lambda: torch.rand(4, 25, 25, dtype=torch.float64, generator=gen),
+        "normal": lambda: torch.randn(3, 36, 36, dtype=torch.float64, generator=gen),
+        "sharp": lambda: 3 * torch.randn(3, 16, 16, dtype=torch.float64, generator=gen),
+        "near_permutation": lambda: (
+            5 * random_permutation_matrix(9, seed=2).expand(3, 9, 9)
+            + 0.3 * torch.randn(3, 9, 9, dtype=torch.float64, generator=gen)
+        ),
+    }
+    for make, tau in itertools.product(regimes.values(), (0.5, 1.0, 2.0)):
+        truth_logits = make()
+        logits = truth_logits.float()
+        grad = torch.randn(truth_logits.shape, dtype=torch.float64, generator=gen)
+        # The float64 truth starts from the same (float32-rounded) logits.
+        truth_p, _, truth_g = reference_with_grad(logits.double(), 20, tau, grad)
+        ref_p, _, ref_g = reference_with_grad(logits, 20, tau, grad.float())
+        flat, sizes, counts, p, cols, domain, iterations = forward([logits], 20, tau)
+        assert p.dtype == torch.float32 and cols.dtype == torch.float64
+        grad_logits = backward([grad.float()], flat, sizes, counts, cols, domain, iterations, tau)
+        assert grad_logits.dtype == torch.float32
+        assert_as_accurate_as_reference(p.view_as(ref_p), ref_p, truth_p)
+        assert_as_accurate_as_reference(grad_logits.view_as(ref_g), ref_g, truth_g)
+
+
+def test_results_do_not_depend_on_threads_or_neighbours():
+    stacks = ragged_stacks(seed=5)
+    flat, sizes, counts, p, cols, domain, iterations = forward(stacks, 10, 1.0)
+    grads = [make_logits(*s.shape, dtype=torch.float64, seed=9 + i) for i, s in enumerate(stacks)]
+    grad_logits = backward(grads, flat, sizes, counts, cols, domain, iterations, 1.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = forward(stacks, 10, 1.0)
+        assert torch.equal(again[3], p) and torch.equal(again[4], cols)
+        assert torch.equal(backward(grads, flat, sizes, counts, cols, domain, iterations, 1.0), grad_logits)
+    finally:
+        torch.set_num_threads(threads)
+    # One stack alone gives the bits it gives inside the mix.
+    alone = forward([stacks[5]], 10, 1.0)
+    assert torch.equal(alone[3], unpack(p, sizes, counts)[5].reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sinkhorn input checks
+
+
+def _sinkhorn_args(**changes):
+    flat = make_logits(2 * 9 + 4, dtype=torch.float64)
+    args = {
+        "logits": flat,
+        "sizes": [3, 2],
+        "counts": [2, 1],
+        "n_iter": 5,
+        "tau": 1.0,
+        "tol": 0.0,
+        "caps": None,
+    }
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"logits": torch.zeros(22, dtype=torch.int64)}, "logits must be float32 or float64"),
+        ({"logits": torch.zeros(2, 11, dtype=torch.float64)}, "logits must be 1-D"),
+        ({"logits": torch.zeros(22, device="meta")}, "logits must be a CPU tensor"),
+        ({"sizes": [3]}, "sizes and counts must have the same length"),
+        ({"sizes": [0, 2], "counts": [2, 11]}, "sizes must be >= 1"),
+        ({"counts": [-1, 1]}, "counts must be >= 0"),
+        ({"counts": [2, 2]}, "sizes and counts describe more than the 22 elements of logits"),
+        ({"counts": [1, 1]}, "sizes and counts describe 13 elements, but logits has 22"),
+        ({"n_iter": 0}, "n_iter must be"),
+        ({"tau": 0.0}, "tau must be > 0"),
+        ({"tau": float("nan")}, "tau must be > 0"),
+        ({"tol": -1e-3}, "tol must be >= 0"),
+        ({"caps": torch.ones(3, dtype=torch.int64)}, "caps must be int32"),
+        ({"caps": torch.ones(2, dtype=torch.int32)}, r"caps must have shape \[3\]"),
+        ({"caps": torch.tensor([1, 0, 2], dtype=torch.int32)}, r"caps must lie in 1..5, got caps\[1\] = 0"),
+        ({"caps": torch.tensor([1, 6, 2], dtype=torch.int32)}, r"caps must lie in 1..5, got caps\[1\] = 6"),
+    ],
+)
+def test_forward_rejects_bad_input(changes, match):
+    with pytest.raises(RuntimeError, match=f"sinkhorn_forward: {match}"):
+        native.sinkhorn_forward(**_sinkhorn_args(**changes))
+
+
+def test_backward_rejects_bad_input():
+    args = _sinkhorn_args()
+    p, cols, domain, iterations = native.sinkhorn_forward(**args)
+    good = {
+        "grad_p": torch.ones_like(p),
+        "logits": args["logits"],
+        "sizes": args["sizes"],
+        "counts": args["counts"],
+        "cols": cols,
+        "domain": domain,
+        "iterations": iterations,
+        "tau": 1.0,
+    }
+    native.sinkhorn_backward(**good)
+    bad = [
+        ({"grad_p": torch.ones(21, dtype=torch.float64)}, "grad_p must have the shape of logits"),
+        ({"grad_p": torch.ones(22, dtype=torch.float32)}, "grad_p must have the dtype of logits"),
+        ({"cols": cols.float()}, "cols must be float64"),
+        ({"cols": cols[:, :, :2]}, r"cols must have shape \[M, n_iter, max_n\]"),
+        ({"cols": cols[:2]}, r"cols must have shape \[M, n_iter, max_n\]"),
+        ({"domain": torch.full((3,), 2, dtype=torch.int32)}, r"domain must lie in 0..1"),
+        ({"domain": domain.long()}, "domain must be int32"),
+        ({"iterations": torch.full((3,), 6, dtype=torch.int32)}, r"iterations must lie in 1..5"),
+        ({"iterations": torch.zeros(3, dtype=torch.int32)}, r"iterations must lie in 1..5"),
+        ({"iterations": iterations[:2]}, r"iterations must have shape \[3\]"),
+        ({"tau": -1.0}, "tau must be > 0"),
+        ({"sizes": [2, 3]}, "sizes and counts describe"),
+    ]
+    for changes, match in bad:
+        with pytest.raises(RuntimeError, match=f"sinkhorn_backward: {match}"):
+            native.sinkhorn_backward(**{**good, **changes})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Kernel expansion
+
+
+def expansion_reference(reps, weight, kernel_size, leading_identity):
+    if leading_identity:
+        d = weight.shape[-1]
+        reps = torch.cat([torch.eye(d, dtype=reps.dtype)[None], reps])
+    return expand_kernel_reference(reps, weight, kernel_size)
+
+
+# (G', G_in, k, O, I): I >= O and O > I paths, lifting (I = 1), G' = 0, empty channels, k = 1.
+EXPANSION_SHAPES = [
+    (3, 1, 5, 4, 6),
+    (3, 4, 3, 6, 2),
+    (2, 2, 2, 20, 1),
+    (0, 1, 3, 3, 2),
+    (2, 1, 3, 0, 4),
+    (3, 7, 1, 2, 3),
+]
+
+
+@pytest.mark.parametrize("leading_identity", [False, True])
+@pytest.mark.parametrize("shape", EXPANSION_SHAPES)
+def test_expansion_matches_reference(shape, leading_identity):
+    learned, in_group, k, out_channels, in_channels = shape
+    d = in_group * k * k
+    groups = learned + int(leading_identity)
+    for dtype in (torch.float64, torch.float32):
+        reps = torch.rand(learned, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        weight = make_logits(out_channels, in_channels, d, dtype=torch.float64, seed=2)
+        grad = make_logits(out_channels * groups, in_channels * in_group, k, k, dtype=torch.float64, seed=3)
+        exact = [reps.clone().requires_grad_(), weight.clone().requires_grad_()]
+        truth = expansion_reference(*exact, k, leading_identity)
+        truth_grads = torch.autograd.grad(truth, exact, grad, allow_unused=True)
+        low = [reps.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()]
+        expected = expansion_reference(*low, k, leading_identity)
+        expected_grads = torch.autograd.grad(expected, low, grad.to(dtype), allow_unused=True)
+
+        kernel = native.expand_forward(reps.to(dtype), weight.to(dtype), k, leading_identity)
+        assert kernel.shape == (out_channels * groups, in_channels * in_group, k, k) and kernel.dtype == dtype
+        assert kernel.is_contiguous()
+        assert_as_accurate_as_reference(kernel, expected, truth)
+        grad_reps, grad_weight = native.expand_backward(
+            grad.to(dtype), reps.to(dtype), weight.to(dtype), k, leading_identity
+        )
+        assert grad_reps.shape == reps.shape and grad_weight.shape == weight.shape
+        for got, want, exact_grad, like in zip(
+            (grad_reps, grad_weight), expected_grads, truth_grads, (reps, weight), strict=True
+        ):
+            want = torch.zeros_like(like, dtype=dtype) if want is None else want
+            exact_grad = torch.zeros_like(like) if exact_grad is None else exact_grad
+            assert_as_accurate_as_reference(got, want, exact_grad)
+
+
+def test_expansion_identity_block_is_a_copy_of_weight():
+    weight = make_logits(3, 2, 9, dtype=torch.float32)
+    reps = torch.rand(2, 9, 9)
+    kernel = native.expand_forward(reps, weight, 3, True).view(3, 3, 2, 9)
+    assert torch.equal(kernel[:, 0], weight)
+    grad = make_logits(9, 2, 3, 3, dtype=torch.float32, seed=1)
+    _, grad_weight = native.expand_backward(grad, reps, weight, 3, True)
+    _, grad_weight_learned = native.expand_backward(
+        grad.view(3, 3, 2, 9)[:, 1:].reshape(6, 2, 3, 3), reps, weight, 3, False
+    )
+    torch.testing.assert_close(grad_weight, grad_weight_learned + grad.view(3, 3, 2, 9)[:, 0])
+
+
+def test_expansion_backward_reads_any_strides_and_is_deterministic():
+    reps, weight = torch.rand(4, 36, 36), torch.randn(8, 6, 36)
+    grad = torch.randn(8 * 5, 6 * 4, 3, 3)
+    expected = native.expand_backward(grad, reps, weight, 3, True)
+    for strided in (
+        grad.to(memory_format=torch.channels_last),
+        grad.transpose(0, 1).contiguous().transpose(0, 1),
+    ):
+        assert not strided.is_contiguous()
+        got = native.expand_backward(strided, reps, weight, 3, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = native.expand_backward(grad, reps, weight, 3, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(again, expected, strict=True))
+
+
+def test_expansion_gradcheck():
+    class NativeExpansion(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, reps, weight):
+            ctx.save_for_backward(reps, weight)
+            return native.expand_forward(reps, weight, 2, True)
+
+        @staticmethod
+        def backward(ctx, grad):
+            reps, weight = ctx.saved_tensors
+            return native.expand_backward(grad, reps, weight, 2, True)
+
+    reps = torch.rand(2, 8, 8, dtype=torch.float64, requires_grad=True)
+    weight = make_logits(3, 2, 8, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(NativeExpansion.apply, (reps, weight))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 8), torch.rand(3, 2, 9), 3, False),
+            r"reps must have shape",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 9), 3, False),
+            "weight must have shape",
+        ),
+        (lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 8), 3, False), "disagree on d"),
+        (
+            lambda: native.expand_forward(torch.rand(2, 8, 8), torch.rand(3, 2, 8), 3, False),
+            "multiple of kernel_size",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 9), 0, False),
+            "kernel_size must be",
+        ),
+        (
+            lambda: native.expand_forward(
+                torch.rand(2, 9, 9), torch.rand(3, 2, 9, dtype=torch.float64), 3, False
+            ),
+            "weight must have the dtype of reps",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 9).half(), torch.rand(3, 2, 9).half(), 3, False),
+            "reps must be float32 or float64",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 9, device="meta"), torch.rand(3, 2, 9), 3, False),
+            "reps must be a CPU tensor",
+        ),
+        (
+            lambda: native.expand_backward(
+                torch.rand(6, 2, 3, 3), torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, True
+            ),
+            r"grad_kernel must have the kernel's shape \[O\*G, I\*G_in, k, k\] = \[9, 2, 3, 3\]",
+        ),
+        (
+            lambda: native.expand_backward(
+                torch.rand(9, 2, 3, 3, dtype=torch.float64), torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, True
+            ),
+            "grad_kernel must have the dtype of reps",
+        ),
+    ],
+)
+def test_expansion_rejects_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
