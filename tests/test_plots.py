@@ -230,3 +230,48 @@ def test_importing_symkernels_does_not_load_matplotlib():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def trajectory_points(steps: list[int], masses: list[tuple[float, float, float]]) -> list[dict]:
+    return [
+        {
+            "step": step,
+            "elements": [
+                {"element": f"R{i + 1}", "assigned": name, "mass": mass}
+                for i, (name, mass) in enumerate(zip(("rot90", "rot180", "rot270"), row, strict=True))
+            ],
+        }
+        for step, row in zip(steps, masses, strict=True)
+    ]
+
+
+def test_trajectory_figure_is_a_readable_png_with_a_reference(tmp_path):
+    lift = trajectory_points([100, 200, 300], [(0.3, 0.3, 0.25), (0.5, 0.4, 0.3), (0.7, 0.6, 0.4)])
+    conv = trajectory_points([100, 200, 300], [(0.26, 0.25, 0.25)] * 3)
+    reference = {"lift": [{"step": 250, "mass": (0.64, 0.66, 0.48)}]}
+    target = plots.save_trajectory_figure(
+        {"lift": lift, "convs.0": conv}, tmp_path / "trajectory.png", threshold=0.8, reference=reference
+    )
+    width, height = png_size(target)
+    assert width > 500 and 300 < height < 1000
+    # One panel per layer: a third layer keeps the figure on one row, a fourth starts a second row.
+    layers = {name: conv for name in ("a", "b", "c", "d")}
+    assert png_size(plots.save_trajectory_figure(layers, tmp_path / "four.png"))[1] > height
+
+
+def test_trajectory_figure_rejects_bad_input(tmp_path):
+    good = trajectory_points([1, 2], [(0.3, 0.3, 0.3), (0.4, 0.4, 0.4)])
+    with pytest.raises(ValueError, match="must hold at least one layer"):
+        plots.save_trajectory_figure({}, tmp_path / "t.png")
+    with pytest.raises(ValueError, match="non-empty list of evaluations"):
+        plots.save_trajectory_figure({"lift": []}, tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"mass must be a number in \[0, 1\]"):
+        plots.save_trajectory_figure({"lift": trajectory_points([1], [(0.3, 1.5, 0.3)])}, tmp_path / "t.png")
+    changed = [good[0], {"step": 2, "elements": good[1]["elements"][:2]}]
+    with pytest.raises(ValueError, match="must list the same elements"):
+        plots.save_trajectory_figure({"lift": changed}, tmp_path / "t.png")
+    with pytest.raises(ValueError, match="keys 'step' and 'elements'"):
+        plots.save_trajectory_figure({"lift": [{"elements": []}]}, tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"must name a \.png file"):
+        plots.save_trajectory_figure({"lift": good}, tmp_path / "t.jpg")
+    assert not list(tmp_path.iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,17 +22,19 @@ from symkernels.training import (
     TrainConfig,
     TrainingInterruptedError,
     distributed,
+    report,
     resume,
     train,
 )
 from symkernels.training.checkpoint import atomic_save, load_checkpoint
 from symkernels.training.interrupt import StopRequest
-from symkernels.training.loop import backend_in_use
 
 # Small enough for seconds per run, large enough that an epoch lasts several steps (the kill test needs time
 # to land its signal inside epoch 3).
 TINY = {"channels": 4, "num_layers": 1, "batch_size": 16, "train_limit": 128, "test_limit": 48}
 TINY_FLAGS = [
+    "--dataset",
+    "digits",
     "--channels",
     "4",
     "--num-layers",
@@ -158,10 +161,8 @@ def test_metrics_json_checkpoint_and_plots(reference):
     assert TrainConfig.from_dict(metrics["config"]) == tiny_config()
     assert TrainConfig.load(reference / "config.json") == tiny_config()
     cpu = torch.device("cpu")
-    grouped = backend_in_use("grouped_sinkhorn", None, cpu)
-    assert metrics["backend"] == (grouped or backend_in_use("sinkhorn", None, cpu))
-    assert metrics["backend"] in backends.known_backends()
-    assert metrics["backends"]["expand_kernel"] == backend_in_use("expand_kernel", None, cpu)
+    assert metrics["backend"] == backends.resolve(None, cpu, torch.float32)
+    assert metrics["backend"] in backends.BACKENDS
     assert metrics["versions"]["torch"] == torch.__version__
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
     for epoch in metrics["epochs"]:
@@ -179,8 +180,48 @@ def test_metrics_json_checkpoint_and_plots(reference):
         torch.testing.assert_close(rows.sum(dim=1), torch.ones(4, dtype=rows.dtype))
         assert rows[0].tolist() == pytest.approx([1, 0, 0, 0], abs=1e-9)  # the fixed identity
     assert load_checkpoint(reference / "checkpoint.pt")["epoch"] == 4
-    for name in ("stacks.png", "decomposition.png"):
+    for name in ("stacks.png", "decomposition.png", "trajectory.png"):
         assert (reference / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_epoch_records_the_decomposition_of_every_layer(reference):
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["group_elements"] == {
+        "lift": groups.rotation_names(),
+        "convs.0": [f"shift-twist r{g}" for g in range(4)],
+    }
+    assert metrics["learned_rows"] == {"lift": [1, 2, 3], "convs.0": [1, 2, 3]}  # R0: the fixed identity
+    assert [e["step"] for e in metrics["epochs"]] == [8, 16, 24, 32]
+    for epoch in metrics["epochs"]:
+        assert set(epoch["decomposition"]) == {"lift", "convs.0"}
+        rows = torch.tensor(epoch["decomposition"]["lift"], dtype=torch.float64)
+        assert rows.shape == (4, 4)
+        torch.testing.assert_close(rows.sum(dim=1), torch.ones(4, dtype=rows.dtype))
+    # The last epoch's rows are the final decomposition (the same model state).
+    assert metrics["epochs"][-1]["decomposition"]["lift"] == metrics["decomposition"]["lift"]["coefficients"]
+    points = report.trajectory(metrics, "lift")
+    assert [p["step"] for p in points] == [8, 16, 24, 32]
+    assert [e["element"] for e in points[0]["elements"]] == ["R1", "R2", "R3"]
+    first = metrics["epochs"][0]["decomposition"]["lift"][1]
+    assert points[0]["elements"][0]["mass"] == max(first)
+    assert points[0]["elements"][0]["assigned"] == groups.rotation_names()[first.index(max(first))]
+
+
+def test_on_epoch_sees_each_epoch_after_its_checkpoint(tmp_path):
+    seen = []
+
+    def after_epoch(metrics: dict) -> None:
+        seen.append(
+            (metrics["epochs_completed"], load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"])
+        )
+
+    train(
+        tiny_config(epochs=2, train_limit=32, test_limit=16),
+        QUIET,
+        out=tmp_path / "run",
+        on_epoch=after_epoch,
+    )
+    assert seen == [(1, 1), (2, 2)]
 
 
 def test_flips_with_eight_element_stacks_read_the_lift_against_the_dihedral_group(tmp_path):
@@ -261,7 +302,21 @@ def test_config_defaults_round_trip_and_validation():
         7,
         128,
     )
-    assert set(DATASET_DEFAULTS) == {"digits", "mnist", "cifar10"}
+    assert set(DATASET_DEFAULTS) == {"mnist5k", "digits", "mnist", "cifar10"}
+    real = TrainConfig.for_dataset()  # the default: 5,000 real digits with the paper's protocol
+    assert real.dataset == "mnist5k" and real.rotate == "continuous"
+    assert (real.lr, real.logits_lr, real.lambda_norm, real.weight_decay, real.batch_size) == (
+        1e-2,
+        1e-2,
+        0.1,
+        1e-4,
+        64,
+    )
+    assert (real.input_mean, real.input_std) == (0.1307, 0.3081) == (config.input_mean, config.input_std)
+    assert (TrainConfig.for_dataset("digits").input_mean, TrainConfig.for_dataset("digits").input_std) == (
+        0,
+        1,
+    )
     tweaked = TrainConfig.for_dataset("digits", rotate="continuous", rotate_range=90.0, flip=True, seed=5)
     assert TrainConfig.from_json(tweaked.to_json()) == tweaked
     with pytest.raises(ValueError, match="unknown config fields"):
@@ -276,6 +331,10 @@ def test_config_defaults_round_trip_and_validation():
         TrainConfig(rotate_range=400.0)
     with pytest.raises(ValueError, match="gcnn"):
         TrainConfig(model="gcnn", group_size=3)
+    with pytest.raises(ValueError, match="input_std must be a finite number > 0"):
+        TrainConfig(input_std=0.0)
+    with pytest.raises(TypeError, match="input_mean must be a number"):
+        TrainConfig(input_mean="grey")
 
 
 def test_bad_runtime_settings_fail_before_writing(tmp_path):
@@ -323,3 +382,18 @@ def test_atomic_save_leaves_the_previous_file_when_interrupted(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     with pytest.raises(ValueError, match="not a symkernels training checkpoint"):
         load_checkpoint(path)
+
+
+def test_cli_train_defaults_to_real_digits_and_prints_the_trajectory(tmp_path, capsys):
+    flags = ["--channels", "2", "--num-layers", "1", "--train-limit", "128", "--test-limit", "32"]
+    assert cli.main(["train", *flags, "--epochs", "2", "--out", str(tmp_path / "run"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    config = TrainConfig.load(tmp_path / "run" / "config.json")
+    assert config == TrainConfig.for_dataset(
+        "mnist5k", channels=2, num_layers=1, train_limit=128, test_limit=32, epochs=2
+    )
+    assert "wscnn on mnist5k (128 train, 32 test images" in out
+    assert "lift: best exact element and its mass for each learned element" in out
+    assert re.search(r"^\s+4\s+2\s+[01]\.\d{4}\s+rot\d+ \d\.\d{3}", out, re.MULTILINE)  # step 4, epoch 2
+    assert re.search(r"^best: R0 on rot0 \(1\.000\), R1 on rot\d+ \(\d\.\d{3}\)", out, re.MULTILINE)
+    assert "bench/recovery.py" in out

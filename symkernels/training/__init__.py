@@ -32,6 +32,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(f"symkernels.training.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'symkernels.training' has no attribute {name!r}")
 
+
 __all__ = [
     "DATASET_DEFAULTS",
     "ExportReport",

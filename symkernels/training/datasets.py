@@ -3,7 +3,9 @@
 Training images are transformed on the fly, batch by batch, with parameters drawn for the whole global batch
 (so that every process of a distributed run draws the same numbers and transforms only its shard). The test
 set of a rotated or scaled protocol is transformed once, with its own fixed generator, plus Gaussian noise
-(method.md §7: rotated once, noise std 0.01). Flips are a training augmentation only.
+(method.md §7: rotated once, noise std 0.01). Flips are a training augmentation only. Model inputs are
+normalised last, ``(image − input_mean) / input_std``, after the transforms (zeros outside a rotated image
+become ``−mean/std``, as with torchvision's rotation before its normalisation).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from symkernels.data import (
     apply_quarter_turns,
     flip_horizontal,
     load_dataset,
+    normalize,
 )
 from symkernels.training.config import RuntimeOptions, TrainConfig
 from symkernels.training.rng import generator
@@ -106,7 +109,7 @@ class Augmentation:
 
 @dataclass
 class TrainData:
-    """Tensors of a run (CPU): training images are raw, test images already transformed."""
+    """Tensors of a run (CPU): training images are raw, test images already transformed and normalised."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -115,6 +118,13 @@ class TrainData:
     augmentation: Augmentation
     in_channels: int
     num_classes: int
+    input_mean: float = 0.0
+    input_std: float = 1.0
+
+    def training_batch(self, index: torch.Tensor, params: TransformParams) -> torch.Tensor:
+        """The model inputs of the training images ``index``: transformed by ``params``, then normalised."""
+        images = self.augmentation.apply(self.train_images[index], params)
+        return normalize(images, self.input_mean, self.input_std)
 
 
 def transform_test_set(
@@ -156,4 +166,15 @@ def build_data(
         )
     augmentation = Augmentation.from_config(config)
     x_test = transform_test_set(x_test, augmentation, config.test_noise, config.seed)
-    return TrainData(x_train, y_train, x_test, y_test, augmentation, info.in_channels, info.num_classes)
+    x_test = normalize(x_test, config.input_mean, config.input_std)
+    return TrainData(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        augmentation,
+        info.in_channels,
+        info.num_classes,
+        config.input_mean,
+        config.input_std,
+    )

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,14 @@ from symkernels.training.runs import RunPlan, default_run_dir, plan_new_or_match
 TIMING_KEYS = ("seconds_per_step", "epoch_seconds")
 EVAL_BATCH_SIZE = 256
 
+LONG_EXPERIMENT_HINT = (
+    "The authors' 32-channel run on 60,000 digits put >= 0.8 of two lifting elements on rotations after ~47k "
+    "steps and of all three after ~94k; to run that experiment: python bench/recovery.py --help"
+)
+
+# Called on the main process after each epoch's checkpoint with the metrics just written to metrics.json.
+EpochCallback = Callable[[dict[str, Any]], None]
+
 
 @dataclass
 class TrainResult:
@@ -61,31 +69,67 @@ class TrainResult:
 
 
 def train(
-    config: TrainConfig, runtime: RuntimeOptions | None = None, *, out: str | Path | None = None
+    config: TrainConfig,
+    runtime: RuntimeOptions | None = None,
+    *,
+    out: str | Path | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``out`` (default ``runs/<timestamp>``); the caller's global RNG states are kept.
 
     ``out`` may be missing or empty (a new run) or hold a run of the same config (continued from its
     checkpoint); anything else is refused without writing. Under ``torchrun`` the processes train together.
+    ``on_epoch`` is called on the main process after each epoch's checkpoint with the metrics written.
     """
     runtime = runtime or RuntimeOptions()
     with _session(runtime) as (env, device):
         target = Path(out) if out is not None else distributed.broadcast_object(default_run_dir(), env)
         # Passed on directly: _run drops the plan's checkpoint once the trainer has restored it.
-        return _run(plan_new_or_matching(target, config), runtime, env, device)
+        return _run(plan_new_or_matching(target, config), runtime, env, device, on_epoch)
 
 
 def resume(
-    run_dir: str | Path, runtime: RuntimeOptions | None = None, *, given: dict[str, Any] | None = None
+    run_dir: str | Path,
+    runtime: RuntimeOptions | None = None,
+    *,
+    given: dict[str, Any] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Continue the run in ``run_dir`` from its checkpoint to its ``epochs``.
 
     ``given`` are config fields the caller set explicitly: a value that differs from the stored config is an
-    error, except ``epochs``, which may grow to extend a run.
+    error, except ``epochs``, which may grow to extend a run. ``on_epoch`` as in :func:`train`.
     """
     runtime = runtime or RuntimeOptions()
     with _session(runtime) as (env, device):
-        return _run(plan_resume(run_dir, dict(given or {})), runtime, env, device)
+        return _run(plan_resume(run_dir, dict(given or {})), runtime, env, device, on_epoch)
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    *,
+    net: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step on the batch ``(x, y)``: cross-entropy + λ_norm·norm + λ_ent·entropy.
+
+    ``net`` runs the forward (``model`` wrapped in DDP; default ``model``). Returns the detached
+    ``(cross-entropy, logits, norm, entropy)``; nothing is read back to the host.
+    """
+    net = model if net is None else net
+    # Every stack of the model in one grouped Sinkhorn call, shared by forward and regularisers.
+    with precompute_representations(model):
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        norm, entropy = model.regularizers()
+    objective = loss + config.lambda_norm * norm + config.lambda_ent * entropy
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach(), norm.detach(), entropy.detach()
 
 
 def torch_device(name: str, env: DistEnv | None = None) -> torch.device:
@@ -102,31 +146,6 @@ def torch_device(name: str, env: DistEnv | None = None) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", env.local_rank if env is not None else torch.cuda.current_device())
     return device
-
-
-def backend_in_use(
-    op: str, choice: str | None, device: torch.device, dtype: torch.dtype = torch.float32
-) -> str | None:
-    """The name of the backend that runs ``op`` for ``choice`` (``None``: automatic); ``None`` if none can."""
-    try:
-        impl = backends.resolve(op, choice, device, dtype)
-    except RuntimeError:
-        return None
-    for name in backends.known_backends():
-        try:
-            if backends.resolve(op, name, device, dtype) is impl:
-                return name
-        except RuntimeError:
-            continue
-    return None
-
-
-def backends_in_use(choice: str | None, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
-    """Which backend runs each op a training step uses. The stacks go through ``grouped_sinkhorn`` when a
-    backend has it, else through one ``sinkhorn`` call per layer (:func:`precompute_representations`)."""
-    names = {op: backend_in_use(op, choice, device, dtype) for op in ("grouped_sinkhorn", "sinkhorn")}
-    names["expand_kernel"] = backend_in_use("expand_kernel", choice, device, dtype)
-    return names
 
 
 def evaluate(
@@ -177,7 +196,7 @@ def _session(runtime: RuntimeOptions) -> Iterator[tuple[DistEnv, torch.device]]:
             device = torch_device(runtime.device, env)
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            backends.resolve("sinkhorn", runtime.backend, device, torch.float32)  # fail early
+            backends.resolve(runtime.backend, device, torch.float32, "the ops")  # fail early
             yield env, device
         finally:
             distributed.shutdown(env)
@@ -214,8 +233,10 @@ class _Trainer:
         if env.distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.backends = backends_in_use(runtime.backend, device, config.torch_dtype)
-        self.backend = self.backends["grouped_sinkhorn"] or self.backends["sinkhorn"] or "none"
+        # Every op of a step (the grouped Sinkhorn, the expansions) runs on this one backend.
+        self.backend = backends.resolve(runtime.backend, device, config.torch_dtype, "the ops")
+        self.bases = report.layer_bases(self.model, flip=config.flip)  # exact group of each layer's stack
+        self.learned_rows = report.learned_rows(self.model)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -242,22 +263,16 @@ class _Trainer:
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 params = data.augmentation.sample(config.batch_size, self.streams.augment)
                 index, params = index[self.shard], params.select(self.shard)
-                x = data.augmentation.apply(data.train_images[index], params).to(device, config.torch_dtype)
+                x = data.training_batch(index, params).to(device, config.torch_dtype)
                 y = data.train_labels[index].to(device)
-                # Every stack of the model in one grouped Sinkhorn call, shared by forward and regularisers.
-                with precompute_representations(self.model):
-                    logits = self.net(x)
-                    loss = F.cross_entropy(logits, y)
-                    norm, entropy = self.model.regularizers()
-                objective = loss + config.lambda_norm * norm + config.lambda_ent * entropy
-                self.optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                self.optimizer.step()
+                loss, logits, norm, entropy = training_step(
+                    self.model, self.optimizer, x, y, config, net=self.net
+                )
                 with torch.no_grad():
                     correct = (logits.argmax(dim=1) == y).sum()
                     # Models without weight-sharing layers return CPU zeros for the regularisers.
                     values = (loss * len(y), correct, norm, entropy)
-                    sums += torch.stack([v.detach().to(device, torch.float64) for v in values])
+                    sums += torch.stack([v.to(device, torch.float64) for v in values])
                 seen += len(y)
                 if show:
                     # One host sync for both numbers (float64 holds the float32 loss and the count exactly).
@@ -278,6 +293,7 @@ class _Trainer:
         )
         return {
             "epoch": epoch,
+            "step": epoch * self.steps,
             "train_loss": loss_sum / count,
             "train_accuracy": correct_sum / count,
             "norm": norm_sum / self.steps,
@@ -287,7 +303,16 @@ class _Trainer:
             "steps": self.steps,
             "seconds_per_step": seconds / self.steps,
             "epoch_seconds": seconds,
+            # Every layer's stack decomposed onto its exact group (rows: stack elements, identity included).
+            "decomposition": {
+                name: entry["coefficients"]
+                for name, entry in report.decomposition(self.stacks(), self.bases).items()
+            },
         }
+
+    def stacks(self) -> dict[str, torch.Tensor]:
+        """Every weight-sharing layer's current stack, by report name."""
+        return report.learned_stacks(self.model)
 
     def _interrupted(self, stop: StopRequest) -> TrainingInterruptedError:
         import signal
@@ -296,8 +321,10 @@ class _Trainer:
 
     # -- outputs ---------------------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Checkpoint and metrics after a complete epoch (collective: every process takes part)."""
+    def save(self) -> dict[str, Any] | None:
+        """Checkpoint and metrics after a complete epoch (collective: every process takes part); returns the
+        metrics written (the main process) or None."""
+        metrics = None
         states = distributed.gather_objects(global_state(), self.env)
         if self.env.is_main:
             save_checkpoint(
@@ -310,8 +337,9 @@ class _Trainer:
                 history=self.history,
                 extra={"world_size": self.env.world_size},
             )
-            self.write_metrics(complete=False)
+            metrics = self.write_metrics(complete=False)
         distributed.barrier(self.env)
+        return metrics
 
     def metrics(
         self,
@@ -325,8 +353,7 @@ class _Trainer:
         last = self.history[-1] if self.history else None
         return {
             "config": self.config.to_dict(),
-            "backend": self.backend,  # the one computing the representation stacks
-            "backends": self.backends,
+            "backend": self.backend,  # the one computing every op
             "device": str(self.device),
             "world_size": self.env.world_size,
             "threads": torch.get_num_threads(),
@@ -341,6 +368,9 @@ class _Trainer:
             "epochs": self.history,
             "seconds_per_step": _mean([e["seconds_per_step"] for e in self.history]),
             "test_accuracy": last["test_accuracy"] if last and complete else None,
+            # The exact elements each epoch's "decomposition" rows refer to, by layer.
+            "group_elements": {name: names for name, (_, names) in self.bases.items()},
+            "learned_rows": {name: self.learned_rows[name] for name in self.bases},  # not the fixed identity
             "decomposition": decomposition if decomposition is not None else {},
             "recovery": recovery if recovery is not None else {},  # per layer: assigned elements, verdict
         }
@@ -352,8 +382,7 @@ class _Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Final metrics (test accuracy, decomposition) and figures; rank 0 writes them."""
-        stacks = report.learned_stacks(self.model)
-        bases = report.layer_bases(self.model, flip=self.config.flip)
+        stacks, bases = self.stacks(), self.bases
         decomposition = report.decomposition(stacks, bases)
         metrics = self.metrics(
             complete=True,
@@ -364,12 +393,19 @@ class _Trainer:
             report.save_figures(
                 stacks, bases, decomposition, self.paths.stacks_plot, self.paths.decomposition_plot
             )
+            report.save_trajectory_figure(metrics, self.paths.trajectory_plot)
             atomic_write_text(self.paths.metrics, _json(metrics))
         distributed.barrier(self.env)
         return metrics
 
 
-def _run(plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.device) -> TrainResult:
+def _run(
+    plan: RunPlan,
+    runtime: RuntimeOptions,
+    env: DistEnv,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
     config = plan.config
     choice = backends.use_backend(runtime.backend) if runtime.backend else contextlib.nullcontext()
     with StopRequest() as stop, choice, preserved_global_state():
@@ -387,16 +423,21 @@ def _run(plan: RunPlan, runtime: RuntimeOptions, env: DistEnv, device: torch.dev
             record = trainer.train_epoch(stop)
             trainer.history.append(record)
             trainer.epoch = record["epoch"]
-            trainer.save()
-            _say(runtime, env, _epoch_line(record, config.epochs))
+            written = trainer.save()
+            _say(runtime, env, _epoch_line(record, config.epochs, trainer))
+            if on_epoch is not None and written is not None:
+                on_epoch(written)
             if distributed.any_across(stop.requested, env, device):
                 raise trainer._interrupted(stop)
         metrics = trainer.finish()
     if "lift" in metrics["decomposition"]:
+        _say(runtime, env, report.format_trajectory(report.trajectory(metrics, "lift"), "lift"))
         lift = report.format_decomposition(
             "lift", metrics["decomposition"]["lift"], verdict=metrics["recovery"]["lift"]
         )
         _say(runtime, env, lift)
+        if not metrics["recovery"]["lift"]["recovered"]:
+            _say(runtime, env, LONG_EXPERIMENT_HINT)
     _say(runtime, env, f"test accuracy {metrics['test_accuracy']:.4f}; run folder {plan.paths.root}")
     return TrainResult(
         plan.paths.root, config, trainer.model, trainer.history, metrics["test_accuracy"], metrics
@@ -414,13 +455,19 @@ def _banner(trainer: _Trainer) -> str:
     )
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    return (
+def _epoch_line(record: dict[str, Any], epochs: int, trainer: _Trainer) -> str:
+    line = (
         f"epoch {record['epoch']}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
         f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  norm {record['norm']:.4f}  "
         f"entropy {record['entropy']:.2f}  ({1000 * record['seconds_per_step']:.1f} ms/step)"
     )
+    rows = trainer.learned_rows.get("lift")
+    if rows and "lift" in record["decomposition"]:
+        names = trainer.bases["lift"][1]
+        best = report.best_elements(names, record["decomposition"]["lift"], rows)
+        line += "  lift " + " ".join(f"{e['element']}:{e['assigned']} {e['mass']:.2f}" for e in best)
+    return line
 
 
 def _say(runtime: RuntimeOptions, env: DistEnv, line: str) -> None:

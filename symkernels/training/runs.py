@@ -6,6 +6,7 @@ Layout of ``RUN_DIR``::
     checkpoint.pt        the state after the last complete epoch (atomic; resume from it)
     metrics.json         per-epoch metrics, updated every epoch; final accuracy and decomposition at the end
     stacks.png           learned stacks next to the nearest exact group elements (weight-sharing models)
+    trajectory.png       each learned element's best-element mass against training steps
     decomposition.png    decomposition coefficients onto the exact group elements
     export.json          written by ``symkernels export``: soft / exported / hardened test accuracy
     exported.pt2         written by ``symkernels export``: the plain-convolution model (torch.export)
@@ -53,6 +54,10 @@ class RunPaths:
     @property
     def decomposition_plot(self) -> Path:
         return self.root / "decomposition.png"
+
+    @property
+    def trajectory_plot(self) -> Path:
+        return self.root / "trajectory.png"
 
     @property
     def export_report(self) -> Path:
