@@ -7,9 +7,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
 
-from symkernels import analysis, groups
+from tests.testing import require_extras
+
+require_extras("train")
+
+from scipy.optimize import minimize  # noqa: E402
+
+from symkernels import analysis, groups  # noqa: E402
 
 
 def _gen(seed: int) -> torch.Generator:

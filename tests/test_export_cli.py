@@ -10,9 +10,13 @@ import textwrap
 import pytest
 import torch
 
-from symkernels import cli, export
-from symkernels.training import RuntimeOptions, TrainConfig, load_run, train
-from symkernels.training.datasets import prepare_data
+from tests.testing import require_extras
+
+require_extras("train")
+
+from symkernels import cli, export  # noqa: E402
+from symkernels.training import RuntimeOptions, TrainConfig, load_run, train  # noqa: E402
+from symkernels.training.datasets import prepare_data  # noqa: E402
 
 # Float tolerance for two float32 computations of the same logits (conv2d on the same expanded kernel).
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symkernels.layerwise import RelaxedBackbone, curvature_form, fit_curvature, make_path, prior_parameters
-from symkernels.layerwise.marglik import check_curvature_model
-from symkernels.layerwise.models import parse_blocks
-from symkernels.layerwise.sharing import SharingLayer
+from tests.testing import require_extras
 
-pytest.importorskip("laplace", reason="the optional extra symkernels[layerwise] is not installed")
+require_extras("train", "layerwise")
+
+from symkernels.layerwise import RelaxedBackbone, curvature_form, fit_curvature, make_path, prior_parameters  # noqa: E402
+from symkernels.layerwise.marglik import check_curvature_model  # noqa: E402
+from symkernels.layerwise.models import parse_blocks  # noqa: E402
+from symkernels.layerwise.sharing import SharingLayer  # noqa: E402
 
 CLASSES = 3
 

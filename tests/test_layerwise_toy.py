@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from symkernels.layerwise import LayerwiseConfig, train_layerwise
+from tests.testing import require_extras
 
-pytest.importorskip("laplace", reason="the optional extra symkernels[layerwise] is not installed")
+require_extras("train", "layerwise")
+
+from symkernels.layerwise import LayerwiseConfig, train_layerwise  # noqa: E402
 
 # Sized for CI: 500 scikit-learn digits, three blocks 16→8→4→2 (α = 4), SGD at lr 0.3 for 70 epochs, the
 # marginal likelihood every 5 epochs after 5 (one-sample Monte-Carlo Fisher: one backward pass per fit).

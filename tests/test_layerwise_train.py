@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 
-from symkernels.cli import main
-from symkernels.layerwise import LayerwiseConfig, train_layerwise
-from symkernels.layerwise import trainer as trainer_module
-from symkernels.layerwise.trainer import TIMING_KEYS, LayerwiseInterruptedError
+from tests.testing import require_extras
 
-pytest.importorskip("laplace", reason="the optional extra symkernels[layerwise] is not installed")
+require_extras("train", "layerwise")
+
+from symkernels.cli import main  # noqa: E402
+from symkernels.layerwise import LayerwiseConfig, train_layerwise  # noqa: E402
+from symkernels.layerwise import trainer as trainer_module  # noqa: E402
+from symkernels.layerwise.trainer import TIMING_KEYS, LayerwiseInterruptedError  # noqa: E402
 
 TINY = {
     "task": "quadrant10",

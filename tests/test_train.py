@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from symkernels import backends, cli, groups
-from symkernels.training import (
+from tests.testing import require_extras
+
+require_extras("train")
+
+from symkernels import backends, cli, groups  # noqa: E402
+from symkernels.training import (  # noqa: E402
     DATASET_DEFAULTS,
     TIMING_KEYS,
     RuntimeOptions,
@@ -26,8 +30,8 @@ from symkernels.training import (
     resume,
     train,
 )
-from symkernels.training.checkpoint import atomic_save, load_checkpoint
-from symkernels.training.interrupt import StopRequest
+from symkernels.training.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from symkernels.training.interrupt import StopRequest  # noqa: E402
 
 # Small enough for seconds per run, large enough that an epoch lasts several steps (the kill test needs time
 # to land its signal inside epoch 3).

@@ -380,10 +380,11 @@ AOT_COMPILE = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from symkernels.ops import sinkhorn_triton as st
-    from symkernels.triton_kernels import expansion as E, sinkhorn as F, sinkhorn_stepped as S
+    from symkernels.triton_kernels import expansion as E, sinkhorn_chunked as C, sinkhorn_packed as F
+    from symkernels.triton_kernels import sinkhorn_chunked_backward as CB, sinkhorn_stepped as S
 
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    KERNELS = {"F": F, "S": S, "E": E}
+    KERNELS = {"F": F, "C": C, "CB": CB, "S": S, "E": E}
     scalars = dict(tau="fp32", tol="fp32", max_spread="fp32", scale_lo="fp32", scale_hi="fp32")
     vectors = dict(cols_ptr="*fp64", domain_ptr="*i32", iterations_ptr="*i32", caps_ptr="*i32",
                    meta_ptr="*i64", programs_ptr="*i64", status_ptr="*i32", k_ptr="*fp32", bars_ptr="*fp32",
@@ -419,8 +420,8 @@ AOT_COMPILE = textwrap.dedent(
     n = st.current_tuning().fused_max_n
     for flags in (plain, both):
         plan = st.chunked_plan(n, backward=False, test=flags["TEST"])
-        jobs.append(("F", "chunked_forward_kernel", "fp32", {**split(plan)[0], **flags}, split(plan)[1]))
-    jobs.append(("F", "chunked_backward_kernel", "fp32", *split(st.chunked_plan(n, backward=True))))
+        jobs.append(("C", "chunked_forward_kernel", "fp32", {**split(plan)[0], **flags}, split(plan)[1]))
+    jobs.append(("CB", "chunked_backward_kernel", "fp32", *split(st.chunked_plan(n, backward=True))))
     c, w = split(st.stepped_plan(784))
     jobs.append(("S", "stepped_forward_kernel", "fp32", {**c, **both}, w))
     jobs.append(("S", "stepped_backward_step_kernel", "fp32", c, w))

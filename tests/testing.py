@@ -81,3 +81,15 @@ def implementation_for(name: str) -> Implementation:
         device = torch.device("cpu" if INTERPRETED else "cuda")
         return Implementation("triton", device, (torch.float32, torch.float16), interpreted=INTERPRETED)
     return Implementation("cuda", torch.device("cuda"), (torch.float32, torch.bfloat16, torch.float16))
+
+
+def require_extras(*extras: str) -> None:
+    """Skip the calling test module unless every package of these optional extras is installed.
+
+    The GPU machines' lean stack (scripts/test_gpu_stack.sh) has none of them; the main test run installs all.
+    """
+    from symkernels.cli import EXTRA_OF_MODULE
+
+    for module, extra in EXTRA_OF_MODULE.items():
+        if extra in extras:
+            pytest.importorskip(module, reason=f"the optional extra symkernels[{extra}] is not installed")

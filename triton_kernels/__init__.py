@@ -4,8 +4,9 @@ They live in this top-level folder and are installed inside the package as ``sym
 (a top-level import name ``triton_kernels`` is already taken by other packages): import them from there.
 
 * ``sinkhorn_tiles``: tile-level pieces of the Sinkhorn kernels (both domains);
-* ``sinkhorn``: fused Sinkhorn forward (per-matrix early exit) and exact backward, one launch each (packed
-  and chunked layouts);
+* ``sinkhorn``: what the Sinkhorn kernels share (the math, the saved state, the backward's recurrence);
+* ``sinkhorn_packed``, ``sinkhorn_chunked``, ``sinkhorn_chunked_backward``: the fused Sinkhorn forward
+  (per-matrix early exit) and exact backward, one launch each (packed and chunked layouts);
 * ``sinkhorn_stepped``: the multi-program Sinkhorn kernels for large matrices (one launch per iteration);
 * ``expansion``: the kernel expansion and its backward.
 

@@ -27,7 +27,8 @@ fixed, ``n_iter + 1`` launches each way whatever the matrices do:
 import triton
 import triton.language as tl
 
-from .sinkhorn import column_adjoint_rows, gradient_rows, last_column_adjoint_rows, saved_column
+from .sinkhorn import saved_column
+from .sinkhorn_chunked_backward import column_adjoint_rows, gradient_rows, last_column_adjoint_rows
 from .sinkhorn_tiles import (
     column_partials,
     column_scaling,

@@ -1,11 +1,12 @@
 """Triton launchers of the Sinkhorn forward and its exact backward, on the ragged layout of the op contract.
 
 ``logits`` holds, back to back, ``counts[l]`` row-major matrices of ``sizes[l] × sizes[l]`` for every stack
-``l``. Matrices with ``n <= Tuning.fused_max_n`` take one fused launch each way
-(:mod:`symkernels.triton_kernels.sinkhorn`: packed when all of them have ``n <= packed_max_n``, else
-chunked); larger ones take the multi-program kernels (:mod:`symkernels.triton_kernels.sinkhorn_stepped`),
-``n_iter + 1`` launches each way. The early exit is decided on the device, matrix by matrix: no host sync,
-and the launches depend only on the shapes and the Python arguments.
+``l``. Matrices with ``n <= Tuning.fused_max_n`` take one fused launch each way (packed when all of them
+have ``n <= packed_max_n``, else chunked: :mod:`symkernels.triton_kernels.sinkhorn_packed`,
+``sinkhorn_chunked``, ``sinkhorn_chunked_backward``); larger ones take the multi-program kernels
+(:mod:`symkernels.triton_kernels.sinkhorn_stepped`), ``n_iter + 1`` launches each way. The early exit is
+decided on the device, matrix by matrix: no host sync, and the launches depend only on the shapes and the
+Python arguments.
 
 The arguments are not checked here: the operators that call these functions do.
 """
@@ -22,12 +23,9 @@ import triton
 
 from symkernels._checks import check_positive_int
 from symkernels.triton_kernels.expansion import INTERPRETED
-from symkernels.triton_kernels.sinkhorn import (
-    chunked_backward_kernel,
-    chunked_forward_kernel,
-    packed_backward_kernel,
-    packed_forward_kernel,
-)
+from symkernels.triton_kernels.sinkhorn_chunked import chunked_forward_kernel
+from symkernels.triton_kernels.sinkhorn_chunked_backward import chunked_backward_kernel
+from symkernels.triton_kernels.sinkhorn_packed import packed_backward_kernel, packed_forward_kernel
 from symkernels.triton_kernels.sinkhorn_stepped import (
     stepped_backward_final_kernel,
     stepped_backward_step_kernel,
