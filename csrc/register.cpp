@@ -25,6 +25,8 @@ pybind11::dict build_info() {
 #endif
 #ifdef SYMKERNELS_WITH_CUDA
   info["cuda"] = true;
+  // The Sinkhorn ops' CUDA kernels (sinkhorn_cuda_*.cu); the expansion ops run on CUDA tensors through ATen.
+  info["cuda_kernels"] = true;
   const std::string archs = symkernels::cuda_arch_list();
   pybind11::list arch_list;
   size_t start = 0;
@@ -38,6 +40,7 @@ pybind11::dict build_info() {
   info["cuda_runtime_version"] = symkernels::cuda_runtime_version();
 #else
   info["cuda"] = false;
+  info["cuda_kernels"] = false;
   info["cuda_archs"] = pybind11::list();
   info["cuda_runtime_version"] = pybind11::none();
 #endif

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One pass over a GPU machine: build, `symkernels info`, the cuda/triton tests, the GPU benchmark and a short
-# training run, within a time budget. Without a visible CUDA device the GPU stages are skipped (each says why),
+# One pass over a GPU machine: build, `symkernels info`, the cuda/triton tests, compute-sanitizer on the CUDA
+# kernels, the GPU benchmark and a short training run, within a time budget. Without a visible CUDA device the GPU stages are skipped (each says why),
 # so the pass can be rehearsed on a CPU machine (scripts/test_gpu_stack.sh does, in CI).
 #
 #   OUT=DIR bash scripts/gpu_check.sh        (default DIR: bench/results/gpu-<UTC date and time>)
@@ -9,7 +9,8 @@
 #   summary.md      what ran, passed, failed and was measured (readable alone);
 #   stages.tsv      stage, exit status, seconds, note;
 #   results.tar.gz  everything else: env.txt (device, driver, versions, commit), one log per stage,
-#                   pytest-gpu.xml, bench/ (rows.jsonl, gpu-bench.json, gpu-bench.md), train/ (metrics, figures).
+#                   pytest-cuda.xml, pytest-gpu.xml, bench/ (rows.jsonl, gpu-bench.json, gpu-bench.md),
+#                   train/ (metrics, figures).
 # Each stage runs under `timeout` and the whole pass keeps within GPU_CHECK_BUDGET_S seconds (default 470,
 # about 8 minutes): a stage that fails or times out is recorded and the next one runs.
 #
@@ -126,11 +127,47 @@ if [[ "${GPU_CHECK_SKIP_BUILD:-0}" != "1" ]]; then
 fi
 stage info 60 "$PY" -m symkernels info
 
-# All failures are listed (no -x): this pass may be the only one on a GPU. The sm_90 compile check is the
-# no-GPU stand-in for what this machine does for real.
+# All failures are listed (no -x): this pass may be the only one on a GPU. The CUDA kernels' own tests first
+# (the parity matrix over every GPU size, T and dtype; the launch contract: streams, CUDA graphs,
+# torch.compile), so that the native kernels are checked even if the rest runs long.
+gpu_stage tests-cuda 150 "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider --maxfail=25 \
+  tests/test_cuda_kernels.py "tests/test_sinkhorn.py::test_gpu_parity_matrix" --junitxml="$WORK/pytest-cuda.xml"
+# The sm_90 compile check is the no-GPU stand-in for what this machine does for real.
 gpu_stage tests 150 "$PY" -m pytest -m "cuda or triton" -q -rfEs -p no:cacheprovider --maxfail=25 \
   --deselect tests/test_triton_kernels.py::test_kernels_compile_for_hopper_without_spills \
+  --deselect "tests/test_sinkhorn.py::test_gpu_parity_matrix" --ignore tests/test_cuda_kernels.py \
   --junitxml="$WORK/pytest-gpu.xml"
+
+# compute-sanitizer over a short workload per CUDA kernel path (tests/test_cuda_kernels.py -k sanitizer), with
+# PyTorch's caching allocator off so that every buffer is its own allocation (an overrun inside a cached block
+# is invisible to memcheck). Some sandboxes refuse the device to the tool: that is recorded as a skip with the
+# reason, while an error the tool reports, or a failing test, fails the stage.
+SANITIZER="$(command -v compute-sanitizer || true)"
+for candidate in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+  [[ -z "$SANITIZER" && -n "$candidate" && -x "$candidate/bin/compute-sanitizer" ]] &&
+    SANITIZER="$candidate/bin/compute-sanitizer"
+done
+sanitizer_stage() {
+  local tool="$1" max="$2" name="sanitizer-$1"
+  if [[ "$HAS_GPU" == "1" && -z "$SANITIZER" ]]; then
+    record "$name" skipped 0 "compute-sanitizer not found"
+    echo "gpu_check: $name skipped: compute-sanitizer not found"
+    return 0
+  fi
+  gpu_stage "$name" "$max" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+    --target-processes all "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_kernels.py -k sanitizer
+  local log="$WORK/$name.log" last
+  last="$(tail -n 1 "$OUT/stages.tsv")"
+  if [[ -f "$log" && "$(cut -f2 <<<"$last")" != "0" && "$(cut -f2 <<<"$last")" != "skipped" ]] &&
+    ! grep -qE "ERROR SUMMARY: [1-9]" "$log" &&
+    grep -qiE "not supported|unable to (attach|connect|initiali)|insufficient permission|failed to (launch|initiali)" \
+      "$log"; then
+    sed -i '$d' "$OUT/stages.tsv"
+    record "$name" skipped "$(cut -f3 <<<"$last")" "compute-sanitizer could not use the device (see $name.log)"
+  fi
+}
+sanitizer_stage memcheck 90
+sanitizer_stage racecheck 90
 
 BENCH="$WORK/bench"
 # Each benchmark process stops starting cases 20 s before its stage's limit, then writes its report.
@@ -143,7 +180,7 @@ bench_stage() {
     --budget-s $((limit > 40 ? limit - 20 : 20))
 }
 bench_stage bench-main 130 bandwidth,sinkhorn,expansion
-bench_stage bench-profile 70 profile
+bench_stage bench-steps 70 layer,train-step,overhead
 # torch.compile of the unrolled reference loop is slow (minutes for every shape with gradients): last, and
 # its goal rows first.
 bench_stage bench-compiled 150 compiled
@@ -185,7 +222,7 @@ fi
     echo
   done
   if [[ -f "$BENCH/gpu-bench.md" ]]; then
-    sed -n '/^## Goals/,/^## Sinkhorn/p' "$BENCH/gpu-bench.md" | sed '$d'
+    sed -n '/^### Goals/,/^### Sinkhorn/p' "$BENCH/gpu-bench.md" | sed '$d'
   fi
   failed=$(tail -n +2 "$OUT/stages.tsv" | awk -F'\t' '$2 != "0" && $2 != "skipped" { print $1 }' | paste -sd, -)
   echo

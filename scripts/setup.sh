@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or update the virtual environment .venv at the repository root and install symkernels into it
-# (editable, with the test, train and layerwise extras), its native extension built against the torch installed
+# (editable, with the test, train, layerwise and bench extras), its native extension built against the torch installed
 # there.
 # Safe to run again: when nothing that affects the build changed, it only checks and returns.
 #
@@ -65,7 +65,7 @@ fi
 echo "setup: installing dependencies and building symkernels (editable; the native build takes about a minute)"
 rm -f "$stamp_file"
 pip_install numpy pybind11 ninja setuptools wheel
-pip_install --no-build-isolation -e ".[test,train,layerwise]"
+pip_install --no-build-isolation -e ".[test,train,layerwise,bench]"
 install_stamp > "$stamp_file"
 "$venv_python" - <<'PY'
 import json

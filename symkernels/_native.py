@@ -1,9 +1,12 @@
-"""Loading the compiled library ``symkernels._C``, defensively.
+"""Loading the compiled library, defensively.
 
-The library is loaded at most once per process. It is refused, with the reason recorded, when it was built
-against another torch than the one running (a mismatched ABI shows up as "undefined symbol" errors at best),
-when the package was installed without native code, or when loading it fails. Nothing here raises: a missing
-or refused library only means its kernels are unavailable and the pure-PyTorch code serves instead.
+The library is the extension ``symkernels._C`` built ahead of time by setup.py, or, after a plain
+``pip install`` whose isolated build could not see torch, the one :mod:`symkernels._jit` compiles on first
+use into a cache. It is loaded at most once per process. It is refused, with the reason recorded, when it was
+built against another torch than the one running (a mismatched ABI shows up as "undefined symbol" errors at
+best), when the package was installed without native code, or when compiling or loading it fails. Nothing
+here raises: a missing or refused library only means its kernels are unavailable and the pure-PyTorch code
+serves instead.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import functools
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+
+from symkernels import _jit
 
 __all__ = ["BUILD_INFO_FILE", "NativeStatus", "library", "native_status", "read_build_info"]
 
@@ -38,8 +44,11 @@ class NativeStatus:
     loaded: bool
     cuda_built: bool  # the loaded library was compiled with its CUDA part (False when not loaded)
     reason: str | None  # None when loaded
-    # _build_info.json as setup.py wrote it, plus "library": what _C.build_info() reports once loaded.
+    # _build_info.json as setup.py wrote it (with what was compiled on first use, if it was), plus "library":
+    # what the library's build_info() reports once loaded.
     build_info: dict[str, Any] = field(default_factory=dict)
+    # Where the library came from: built ahead of time by setup.py, or compiled on first use into a folder.
+    origin: str | None = None
 
     @property
     def has_cuda_kernels(self) -> bool:
@@ -75,8 +84,59 @@ def _refusal(info: dict[str, Any] | None) -> str | None:
     return None
 
 
+def _checked(
+    module: ModuleType, name: str, record: dict[str, Any], origin: str
+) -> tuple[ModuleType | None, NativeStatus]:
+    """``module`` if it describes itself, was compiled against the running torch and has every kernel."""
+    try:
+        compiled = dict(module.build_info())
+    except Exception as error:  # a library too old or too broken to describe itself is not trusted
+        reason = f"{name}.build_info() failed: {type(error).__name__}: {error}; {_REBUILD}"
+        logger.warning("symkernels: native library not loaded: %s", reason)
+        return None, NativeStatus(False, False, reason, record, origin)
+    record["library"] = compiled
+    compiled_torch = compiled.get("torch_version")
+    if compiled_torch is not None and compiled_torch != torch.__version__:
+        # Only reachable without a build record: the library's own record is the last line of defence.
+        reason = (
+            f"{name} was compiled against torch {compiled_torch}, "
+            f"but torch {torch.__version__} is running; {_REBUILD}"
+        )
+        logger.warning("symkernels: native library not used: %s", reason)
+        return None, NativeStatus(False, False, reason, record, origin)
+
+    missing = [entry for entry in ENTRY_POINTS if not hasattr(module, entry)]
+    if missing:
+        reason = f"{name} was built from older sources (it lacks {', '.join(missing)}); {_REBUILD}"
+        logger.warning("symkernels: native library not used: %s", reason)
+        return None, NativeStatus(False, False, reason, record, origin)
+
+    cuda_built = bool(compiled.get("cuda", False))
+    logger.debug("symkernels: loaded %s from %s (cuda kernels: %s)", name, origin, cuda_built)
+    return module, NativeStatus(True, cuda_built, None, record, origin)
+
+
+def _load_compiled_on_first_use(info: dict[str, Any]) -> tuple[ModuleType | None, NativeStatus]:
+    record = dict(info)
+    try:
+        built = _jit.load_or_compile(info)
+    except Exception as error:  # JitError, or anything the compiler toolchain throws: never fail an import
+        detail = str(error) if isinstance(error, _jit.JitError) else f"{type(error).__name__}: {error}"
+        why = info.get("jit_reason") or "torch was not importable when the package was built"
+        reason = f"installed without its compiled library ({why}), and {detail}"
+        quiet = os.environ.get(_jit.JIT_ENV_VAR, "").strip() == "0"  # turned off by request: routine
+        (logger.debug if quiet else logger.warning)("symkernels: native library not loaded: %s", reason)
+        return None, NativeStatus(False, False, reason, record)
+    record.update(built.record)
+    return _checked(
+        built.module, built.module.__name__, record, f"compiled on first use into {built.directory}"
+    )
+
+
 def _load() -> tuple[ModuleType | None, NativeStatus]:
     info = read_build_info()
+    if info is not None and info.get("native", True) and info.get("jit"):
+        return _load_compiled_on_first_use(info)
     record: dict[str, Any] = dict(info or {})
     reason = _refusal(info)
     if reason is not None:
@@ -95,33 +155,8 @@ def _load() -> tuple[ModuleType | None, NativeStatus]:
             reason = f"importing {_MODULE} failed: {type(error).__name__}: {error}; {_REBUILD}"
             logger.warning("symkernels: native library not loaded: %s", reason)
         return None, NativeStatus(False, False, reason, record)
-
-    try:
-        compiled = dict(module.build_info())
-    except Exception as error:  # a library too old or too broken to describe itself is not trusted
-        reason = f"{_MODULE}.build_info() failed: {type(error).__name__}: {error}; {_REBUILD}"
-        logger.warning("symkernels: native library not loaded: %s", reason)
-        return None, NativeStatus(False, False, reason, record)
-    record["library"] = compiled
-    compiled_torch = compiled.get("torch_version")
-    if compiled_torch is not None and compiled_torch != torch.__version__:
-        # Only reachable without a build record: the library's own record is the last line of defence.
-        reason = (
-            f"{_MODULE} was compiled against torch {compiled_torch}, "
-            f"but torch {torch.__version__} is running; {_REBUILD}"
-        )
-        logger.warning("symkernels: native library not used: %s", reason)
-        return None, NativeStatus(False, False, reason, record)
-
-    missing = [name for name in ENTRY_POINTS if not hasattr(module, name)]
-    if missing:
-        reason = f"{_MODULE} was built from older sources (it lacks {', '.join(missing)}); {_REBUILD}"
-        logger.warning("symkernels: native library not used: %s", reason)
-        return None, NativeStatus(False, False, reason, record)
-
-    cuda_built = bool(compiled.get("cuda", False))
-    logger.debug("symkernels: loaded %s (cuda kernels: %s)", _MODULE, cuda_built)
-    return module, NativeStatus(True, cuda_built, None, record)
+    origin = "built ahead of time by setup.py" if info is not None else f"{_MODULE} (no build record)"
+    return _checked(module, _MODULE, record, f"{origin}: {module.__file__}")
 
 
 @functools.cache

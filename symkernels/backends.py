@@ -3,7 +3,8 @@
 PyTorch's dispatcher picks the device (the ops in :mod:`symkernels.ops` have a CPU and a CUDA
 implementation); :func:`resolve` picks among what serves that device:
 
-* ``cuda``: the native CUDA C++ kernels (CUDA tensors; float16, bfloat16, float32);
+* ``cuda``: the native CUDA C++ kernels (CUDA tensors; float16, bfloat16, float32), for the ops in
+  :data:`CUDA_OPS` with matrices of size up to :data:`CUDA_MAX_SIZE`;
 * ``triton``: the Triton kernels (CUDA tensors; float16, bfloat16, float32; on CPU tensors in Triton's
   interpreter, ``TRITON_INTERPRET=1``, only when chosen by name: it is slow);
 * ``cpu``: the native C++ kernels (CPU tensors; float16 and bfloat16 computed in float32, float32, float64);
@@ -32,6 +33,10 @@ BACKEND_ENV_VAR = "SYMKERNELS_BACKEND"
 BACKENDS = ("cuda", "triton", "cpu", "reference")  # the automatic choice's order
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The ops the native library has CUDA kernels for, and the largest matrix they take (kMaxBlockN in
+# csrc/sinkhorn/sinkhorn_cuda.h); the automatic choice passes over the cuda backend for the others.
+CUDA_OPS = ("sinkhorn", "sinkhorn_backward")
+CUDA_MAX_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,24 @@ def _unavailable(name: str) -> str | None:
         return f"native library not loaded: {status.reason}"
     if name == "cuda" and not status.has_cuda_kernels:
         return "this build of the native library has no CUDA kernels"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible"
     return None
 
 
-def _cannot_serve(name: str, device: torch.device, dtype: torch.dtype, *, explicit: bool) -> str | None:
-    """Why backend ``name`` cannot run on ``device``/``dtype`` tensors, or None."""
+def _cannot_serve(
+    name: str, device: torch.device, dtype: torch.dtype, op: str, max_size: int | None, *, explicit: bool
+) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on ``device``/``dtype`` tensors (n up to ``max_size``)."""
     reason = _UNAVAILABLE[name]
     if reason is not None:
         return reason
     if name == "reference":
         return None
+    if name == "cuda" and op not in CUDA_OPS:
+        return f"the native library has no CUDA kernel for {op} (the triton backend serves it)"
+    if name == "cuda" and max_size is not None and max_size > CUDA_MAX_SIZE:
+        return f"the CUDA kernels take matrices up to n = {CUDA_MAX_SIZE}, got n = {max_size}"
     if name == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device.type}"
@@ -135,8 +148,17 @@ def current_choice() -> str | None:
     return None
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, op: str = "the op") -> str:
+def resolve(
+    backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    op: str = "the op",
+    max_size: int | None = None,
+) -> str:
     """The backend that computes ``op`` on ``device``/``dtype`` tensors, given the ``backend=`` argument.
+
+    ``op`` is the op's name in the ``symkernels`` namespace (e.g. ``"sinkhorn"``); ``max_size``, where the op
+    takes square matrices, the largest n among them (None: not checked).
 
     Raises RuntimeError when an explicit choice cannot serve, naming where the choice came from and why.
     """
@@ -146,14 +168,14 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, op: s
         choice = current_choice()
         source = "use_backend()" if _context_choice.get() is not None else BACKEND_ENV_VAR
     if choice is not None:
-        reason = _cannot_serve(choice, device, dtype, explicit=True)
+        reason = _cannot_serve(choice, device, dtype, op, max_size, explicit=True)
         if reason is not None:
             raise RuntimeError(
                 f"{source}={choice!r} cannot run {op} on {device.type} {dtype} tensors: {reason}"
             )
         return choice
     for name in BACKENDS:
-        if _cannot_serve(name, device, dtype, explicit=False) is None:
+        if _cannot_serve(name, device, dtype, op, max_size, explicit=False) is None:
             return name
     raise AssertionError("the reference backend serves every tensor")  # pragma: no cover
 

@@ -207,7 +207,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_toy(commands: argparse._SubParsersAction) -> None:
-    from symkernels.toy import add_toy_arguments
+    from symkernels.toy_command import add_toy_arguments
 
     toy = commands.add_parser(
         "toy", help="toy symmetry discovery: one layer learns shifts, quarter turns or cube rotations"

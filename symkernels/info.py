@@ -65,6 +65,7 @@ def collect_info() -> dict[str, Any]:
             "cuda_built": status.cuda_built,
             "cuda_kernels": status.has_cuda_kernels,
             "reason": status.reason,
+            "origin": status.origin,
         },
         "build": status.build_info,
         "backends": {name: {"usable": s.usable, "detail": s.detail} for name, s in backend_status().items()},
@@ -102,7 +103,12 @@ def format_info(info: dict[str, Any] | None = None) -> str:
     else:
         native_line = f"not loaded: {native['reason']}"
     rows.append(("native library", native_line))
-    if build:
+    if native.get("origin"):
+        rows.append(("  from", native["origin"]))
+    if build.get("jit") and not build.get("torch_version"):
+        # Installed without torch in sight (pip's build isolation), and not compiled (yet): see the reason.
+        rows.append(("built", f"not yet: to be compiled on first use ({build.get('jit_reason')})"))
+    elif build:
         when, against = build.get("build_time", "?"), build.get("torch_version", "?")
         rows.append(("built", f"{when} against torch {against}"))
         if build.get("native"):

@@ -1,11 +1,11 @@
 """The build: what the installed native library reports, real installs without CUDA and without native code,
-the torch-version guard, and the messages setup.py gives when it cannot build."""
+a plain `pip install -e .` (build isolation: the library is compiled on first use), the torch-version guard,
+and the messages setup.py gives when it cannot build."""
 
 from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from symkernels import _native
+from symkernels import _jit, _native
+from symkernels._toolchain import find_cuda_home
 from symkernels.info import collect_info, format_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ import json, sys
 import torch
 import symkernels
 import symkernels.triton_kernels
-from symkernels import _native
+from symkernels import _jit, _native
+from symkernels._toolchain import find_cuda_home
 from symkernels.info import format_info
 
 status = _native.native_status()
@@ -152,6 +154,9 @@ def test_install_without_cuda_part(tmp_path: Path) -> None:
     assert found["build"]["cuda_skip_reason"] == "SYMKERNELS_CUDA=0"
     assert found["build"]["library"]["cuda"] is False
     assert "CUDA kernels: no" in found["info"]
+    # Built ahead of time, not on first use: --no-build-isolation sees the installed torch.
+    assert found["build"]["jit"] is False
+    assert "built ahead of time by setup.py" in found["info"], found["info"]
     assert _repo_build_state() == before, "installing a copy changed the checkout's build products"
 
 
@@ -174,7 +179,8 @@ def test_library_built_for_another_torch_is_refused(tmp_path: Path) -> None:
     shutil.copytree(REPO / "symkernels", site / "symkernels", ignore=ignore)  # with the built _C, if any
     shutil.copytree(REPO / "triton_kernels", site / "symkernels" / "triton_kernels", ignore=ignore)
     record = _native.read_build_info() or {"native": True, "cpu": True, "cuda": False}
-    record = {**record, "torch_version": "0.0.0+other"}
+    # jit off: a record of a plain `pip install -e .` would otherwise send the probe to compile on first use.
+    record = {**record, "jit": False, "torch_version": "0.0.0+other"}
     (site / "symkernels" / "_build_info.json").write_text(json.dumps(record))
 
     found = _probe(site)
@@ -184,28 +190,39 @@ def test_library_built_for_another_torch_is_refused(tmp_path: Path) -> None:
     assert not found["C_imported"], "the mismatched library was imported before being refused"
 
 
-def test_setup_without_torch_says_what_to_run(tmp_path: Path) -> None:
-    # What pip's build isolation does: run setup.py where `import torch` fails.
+def _copy_setup(dst: Path) -> None:
+    """What setup.py needs to run: itself, the version, and the toolchain module it loads by path."""
     for name in ("setup.py", "pyproject.toml"):
-        shutil.copy2(REPO / name, tmp_path / name)
+        shutil.copy2(REPO / name, dst / name)
+    (dst / "symkernels").mkdir()
+    shutil.copy2(REPO / "symkernels" / "_toolchain.py", dst / "symkernels" / "_toolchain.py")
+
+
+def test_setup_without_torch_records_compile_on_first_use(tmp_path: Path) -> None:
+    # What pip's build isolation does: run setup.py where `import torch` fails.
+    _copy_setup(tmp_path)
     code = (
         "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
         "runpy.run_path('setup.py', run_name='__main__')"
     )
     result = _run([sys.executable, "-c", code], cwd=tmp_path, env=_child_env(), timeout=120)
-    assert result.returncode != 0
-    assert "Install torch first" in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "compiled on first use" in result.stderr, result.stderr
     assert BUILD_COMMAND in result.stderr, result.stderr
+    record = json.loads((tmp_path / "symkernels" / "_build_info.json").read_text())
+    assert record["native"] is True and record["jit"] is True
+    assert record["torch_version"] is None and record["cpu"] is False
+    assert "torch was not importable" in record["jit_reason"]
+    assert record["source_dir"] == str(tmp_path / "csrc")
 
 
 def test_setup_requiring_cuda_without_toolkit_fails_clearly(tmp_path: Path) -> None:
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy2(REPO / name, tmp_path / name)
+    _copy_setup(tmp_path)
     env = _child_env(SYMKERNELS_CUDA="1", CUDA_HOME=str(tmp_path / "no-cuda"))
     result = _run([sys.executable, "setup.py", "--version"], cwd=tmp_path, env=env, timeout=120)
     assert result.returncode != 0
     assert "SYMKERNELS_CUDA=1 but the CUDA part cannot be built" in result.stderr, result.stderr
-    assert not (tmp_path / "symkernels").exists()
+    assert not (tmp_path / "symkernels" / "_build_info.json").exists()
 
 
 def _fake_toolkit(root: Path, release: str = "12.9") -> Path:
@@ -223,8 +240,7 @@ def test_setup_refuses_toolkit_of_another_cuda_major(tmp_path: Path) -> None:
         pytest.skip("torch is not a CUDA build: the toolkit is never used")
     other_major = int(torch.version.cuda.split(".")[0]) + 1
     toolkit = _fake_toolkit(tmp_path / "cuda", release=f"{other_major}.0")
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy2(REPO / name, tmp_path / name)
+    _copy_setup(tmp_path)
     env = _child_env(SYMKERNELS_CUDA="1", CUDA_HOME=str(toolkit))
     result = _run([sys.executable, "setup.py", "--version"], cwd=tmp_path, env=env, timeout=120)
     assert result.returncode != 0
@@ -247,7 +263,6 @@ def test_setup_finds_toolkit_behind_nvcc(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(bin_dir))
-    find_cuda_home = runpy.run_path(str(REPO / "setup.py"), run_name="symkernels_setup")["find_cuda_home"]
     root, how_found = find_cuda_home()
     assert root == toolkit.resolve(), how_found
 
@@ -263,3 +278,7 @@ def test_info_reports_native_status_and_backends() -> None:
     assert "backend reference" in text
     if not status.loaded:
         assert status.reason in text
+    elif status.build_info.get("jit"):
+        assert f"compiled on first use into {_jit.cache_root() / 'jit'}" in text
+    else:
+        assert "built ahead of time by setup.py" in text and str(status.origin) in text

@@ -134,13 +134,15 @@ def test_tolerance_exit_matches_reference(implementation, tol, stop, scale):
 
 
 def test_tolerance_at_the_papers_initialisation_matches_the_authors_loop(implementation):
-    """U[0, 1) logits: the authors' loop stops after 2-3 iterations; so does stop='stack' at their tol."""
+    """U[0, 1) logits: the authors' loop stops after 2-3 iterations; so does stop='stack' at their tol, with
+    the gradient of their loop."""
     from symkernels.reference import sinkhorn_early_exit
 
     n = 9 if implementation.interpreted else 25
     logits = torch.rand(3, n, n, generator=torch.Generator().manual_seed(0))
+    ours = logits.to(implementation.device).requires_grad_()
     p, iterations = symkernels.sinkhorn(
-        logits.to(implementation.device),
+        ours,
         20,
         tol=AUTHORS_TOLERANCE,
         stop="stack",
@@ -151,7 +153,13 @@ def test_tolerance_at_the_papers_initialisation_matches_the_authors_loop(impleme
         logits.double(), 20, tol=AUTHORS_TOLERANCE, stop="stack", return_iterations=True
     )
     assert torch.equal(iterations.cpu(), expected_iterations) and 2 <= int(iterations[0]) <= 3
-    torch.testing.assert_close(p.cpu(), sinkhorn_early_exit(logits, 20), rtol=1e-5, atol=1e-6)
+    theirs = logits.clone().requires_grad_()
+    expected = sinkhorn_early_exit(theirs, 20)
+    torch.testing.assert_close(p.cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
+    grad_p = make_logits(3, n, n, seed=7)
+    (grad,) = torch.autograd.grad(p, ours, grad_p.to(implementation.device))
+    (expected_grad,) = torch.autograd.grad(expected, theirs, grad_p)
+    torch.testing.assert_close(grad.cpu(), expected_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_grouped_stacks_match_each_stack(implementation):

@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from symkernels import groups
-from symkernels.toy import (
-    PROBLEMS,
-    ToyLayer,
-    add_toy_arguments,
-    format_toy_result,
-    make_problem,
-    run_toy,
-    run_toy_command,
-)
+from symkernels.toy import PROBLEMS, ToyLayer, make_problem, run_toy
+from symkernels.toy_command import add_toy_arguments, format_toy_result, run_toy_command
 
 # Everything the data use, per (problem, partial), at the default sizes (8, 5, 3).
 EXPECTED_TARGETS = {

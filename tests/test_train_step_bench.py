@@ -1,61 +1,50 @@
-"""The training-step benchmark ``bench/train_step.py``: one short run writes its rows, profile and table,
-and the competing busy processes it starts are gone afterwards."""
+"""The training-step benchmark ``bench/train_step.py``: its peers are what they claim to be (the plain CNN
+has the WS model's expanded convolutions, the escnn network is a C4 G-CNN), and the default run's step
+trains."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+import torch
 
-import symkernels
 from bench import train_step
+from symkernels.models import weight_sharing_layers
 
 
-def test_a_short_benchmark_writes_rows_profile_and_table(tmp_path):
-    out = tmp_path / "train-step"
-    flags = [
-        "--threads",
-        "1",
-        "--busy",
-        "0",
-        "1",
-        "--steps",
-        "3",
-        "--profile-steps",
-        "2",
-        "--channels",
-        "2",
-        "--out",
-        str(out),
-    ]
-    assert train_step.main(flags) == 0
-    native_cpu = symkernels.backend_status()["cpu"].usable
-    record = json.loads(out.with_suffix(".json").read_text())
-    assert record["config"]["dataset"] == "mnist5k" and record["config"]["channels"] == 2
-    assert [(r["threads"], r["busy_processes"]) for r in record["rows"]] == [(1, 0), (1, 1)]
-    for row in record["rows"]:
-        assert len(row["times_ms"]) == 3 and row["median_ms"] > 0
-        assert row["sinkhorn_fwd_bwd_ms"] > 0 and row["expansion_fwd_bwd_ms"] > 0
-        parts = row["profile_ms"]
-        assert {"convolution", "optimizer"} <= set(parts) and all(value >= 0 for value in parts.values())
-        if native_cpu:  # the native ops carry their names; the reference backend runs plain ATen ops
-            assert {"sinkhorn", "expansion"} <= set(parts)
-    table = out.with_suffix(".md").read_text()
-    assert "| 1 | 1 |" in table and "Sinkhorn fwd+bwd (ms)" in table
+@pytest.mark.parametrize("model", ["mnist-wscnn", "cifar-wsresnet"])
+def test_plain_network_has_the_expanded_convolutions_of_the_ws_model(model):
+    ws = train_step.build_model("ws-cpu", model, 8)
+    plain = train_step.build_model("plain-cnn", model, 8)
+    kernels = [layer.kernel().shape for _, layer in weight_sharing_layers(ws)]
+    convs = [m.weight.shape for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert kernels == convs
 
 
-def test_busy_processes_spin_during_the_block_and_are_stopped_after(monkeypatch):
-    started = []
-    real_popen = train_step.subprocess.Popen
+def test_escnn_network_is_a_c4_gcnn():
+    pytest.importorskip("escnn", reason="escnn is an optional peer (manual install, see bench/README.md)")
+    torch.manual_seed(0)
+    net = train_step.EscnnC4CNN(hidden_channels=2).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        logits, rotated = net(x), net(torch.rot90(x, 1, dims=(-2, -1)))
+    assert logits.shape == (2, 10)
+    torch.testing.assert_close(rotated, logits, rtol=1e-4, atol=1e-4)  # invariant: a C4 G-CNN
 
-    def recording_popen(*args, **kwargs):
-        started.append(real_popen(*args, **kwargs))
-        return started[-1]
 
-    monkeypatch.setattr(train_step.subprocess, "Popen", recording_popen)
-    with train_step.busy_processes(2):
-        assert len(started) == 2 and all(p.poll() is None for p in started)
-    assert all(p.poll() is not None for p in started)
-    with pytest.raises(RuntimeError), train_step.busy_processes(1):
-        raise RuntimeError("the measurement failed")
-    assert started[-1].poll() is not None
+def test_default_run_step_trains_the_default_model_on_new_batches():
+    step = train_step.make_closure("ws-auto", train_step.DEFAULT_RUN, "cpu")()
+    before = [p.detach().clone() for p in step.model.parameters()]
+    step()
+    step()
+    assert step.position == 2 * step.config.batch_size  # each step draws its own batch
+    assert all(not torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
+
+
+def test_cases_cover_the_models_and_cap_the_slow_cpu_step():
+    cases = {case.id: case for case in train_step.cases("cpu")}
+    assert {"train-step/ws-cpu/train-step/mnist-wscnn", "train-step/escnn/train-step/mnist-wscnn"} <= set(
+        cases
+    )
+    cifar = [c for c in cases.values() if c.workload == "cifar-wsresnet"]
+    assert {c.provider for c in cifar} == {"ws-cpu", "plain-cnn"}
+    assert all(c.rounds == train_step.CPU_CIFAR_ROUNDS and c.after is None for c in cifar)

@@ -26,7 +26,7 @@ from tests.testing import assert_as_accurate_as_reference, implementation_for, m
 pytest.importorskip("triton")
 
 from symkernels.ops import expansion_triton, sinkhorn_triton  # noqa: E402
-from symkernels.triton_kernels.expansion import backward_plan  # noqa: E402
+from symkernels.ops.expansion_triton import backward_plan  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -379,7 +379,7 @@ AOT_COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from symkernels.ops import sinkhorn_triton as st
+    from symkernels.ops import expansion_triton as ET, sinkhorn_triton as st
     from symkernels.triton_kernels import expansion as E, sinkhorn_chunked as C, sinkhorn_packed as F
     from symkernels.triton_kernels import sinkhorn_chunked_backward as CB, sinkhorn_stepped as S
 
@@ -429,11 +429,11 @@ AOT_COMPILE = textwrap.dedent(
     for dtype, exact, identity in (("fp32", True, 1), ("bf16", False, 0)):  # the largest blocks (d >= 64)
         flags = dict(LEADING_IDENTITY=identity, DOT_F32=exact)
         forward = dict(flags, BLOCK_R=64, BLOCK_N=64, BLOCK_M=32)
-        jobs.append(("E", "_expand_forward_kernel", dtype, forward, 4))
-        plan = E.backward_plan(64, 64, 4, 4 - identity, 196, exact=exact)
+        jobs.append(("E", "expand_forward_kernel", dtype, forward, 4))
+        plan = ET.backward_plan(64, 64, 4, 4 - identity, 196, exact=exact)
         blocks = dict(BLOCK_R=plan.block_r, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m)
-        jobs.append(("E", "_expand_backward_kernel", dtype, dict(flags, **blocks), 8))
-    jobs.append(("E", "_sum_partials_kernel", "bf16", dict(BLOCK=1024), 4))
+        jobs.append(("E", "expand_backward_kernel", dtype, dict(flags, **blocks), 8))
+    jobs.append(("E", "sum_partials_kernel", "bf16", dict(BLOCK=1024), 4))
     with ProcessPoolExecutor(2) as pool:
         for line in pool.map(compile, jobs):
             print(line, flush=True)

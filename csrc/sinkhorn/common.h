@@ -1,8 +1,10 @@
-// The per-matrix arithmetic of the Sinkhorn kernels that does not depend on the device: the limits of the scaling
-// domain, the domain decision, the early-exit test and the constants of exp. Free of ATen and of the standard
-// library's non-constexpr parts, so that host and CUDA kernels share it.
+// The per-matrix arithmetic of the Sinkhorn kernels that does not depend on the device or the thread mapping: the
+// limits of the scaling domain, the domain decision, the early-exit test, the iteration limits, the log-domain
+// potentials and the scalar recurrences of the backward, and the constants of exp. Free of ATen, so that the CPU
+// and the CUDA kernels share it (the CPU tests exercise it through the CPU kernels).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -56,6 +58,11 @@ SYMKERNELS_HOST_DEVICE inline bool scaling_in_range(A v) {
   return v >= ScalingLimits<A>::min_scaling && v <= ScalingLimits<A>::max_scaling;
 }
 
+// 1..n_iter.
+SYMKERNELS_HOST_DEVICE inline int64_t clamp_iterations(int64_t value, int64_t n_iter) {
+  return value < 1 ? 1 : (value > n_iter ? n_iter : value);
+}
+
 // The early exit: tol == 0 disables it; otherwise an iterate passes when every row sum is within tol of 1.
 SYMKERNELS_HOST_DEVICE inline bool early_exit_enabled(double tol) {
   return tol > 0.0;
@@ -68,9 +75,69 @@ SYMKERNELS_HOST_DEVICE inline bool row_sum_within(A row_sum, A tol) {
   return (d < A(0) ? -d : d) <= tol;
 }
 
-// The iterations matrix m may run: caps[m] when caps are given, else n_iter.
+// The iterations matrix m may run: caps[m] when caps are given, else n_iter. Clamped to 1..n_iter: the CPU entry
+// points reject caps outside that range, but the CUDA ones cannot read them without a host synchronisation.
 SYMKERNELS_HOST_DEVICE inline int64_t iteration_limit(const int32_t* caps, int64_t m, int64_t n_iter) {
-  return caps != nullptr ? static_cast<int64_t>(caps[m]) : n_iter;
+  return caps != nullptr ? clamp_iterations(caps[m], n_iter) : n_iter;
+}
+
+// The iterations a matrix ran, as the backward reads them from the saved state (clamped like iteration_limit, so
+// that a corrupted value never reads past the saved scalings).
+SYMKERNELS_HOST_DEVICE inline int64_t saved_iterations(const int32_t* iterations, int64_t m, int64_t n_iter) {
+  return clamp_iterations(iterations[m], n_iter);
+}
+
+// The row sum of the iterate P_t from the next row step (the early-exit test): r_t[i] (K c_t)_i in the scaling
+// domain, where (K c_t)_i is the dot product of the row step t + 1; exp(f_t[i] - f_{t+1}[i]) in the log domain.
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A scaling_row_sum(A previous_row_scaling, A row_dot) {
+  return previous_row_scaling * row_dot;
+}
+
+SYMKERNELS_HOST_DEVICE inline double log_row_sum(double previous_potential, double potential) {
+#ifdef __CUDA_ARCH__
+  return ::exp(previous_potential - potential);
+#else
+  return std::exp(previous_potential - potential);
+#endif
+}
+
+// A log-domain potential from a max-shifted sum of exponentials: -lse = -(shift + log(sum)).
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A log_potential(A shift, A sum) {
+#ifdef __CUDA_ARCH__
+  return -(shift + ::log(sum));
+#else
+  return -(shift + std::log(sum));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalar pieces of the scaling-domain backward (the recurrences are derived in sinkhorn_cpu_backward.cpp):
+//   the row weight  w_t[i] = r_t[i] f̄_t[i] = r_t[i] (r_t[i] d_i)  from the row's dot product d_i;
+//   the column term u_{t-1}[j] = c_{t-1}[j] ḡ_{t-1}[j] = -c_{t-1}[j]^2 col_j  from the column sum col_j;
+//   the adjoint before the last row step  M_ij = K_ij (r_T[i] c_T[j] (Ḡ_ij - ḡ_T[j]) - X_ij);
+//   the gradient  (M_ij - a_i K_ij) / tau  with a_i = r_1[i] rowsum(M_i).
+
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A backward_row_weight(A row_scaling, A row_dot) {
+  return row_scaling * (row_scaling * row_dot);
+}
+
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A backward_column_term(A column_scaling, A column_sum) {
+  return -column_scaling * column_scaling * column_sum;
+}
+
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A adjoint_entry(A k, A last_row_scaling, A last_column_scaling, A grad, A last_column_bar,
+                                              A x) {
+  return k * (last_row_scaling * last_column_scaling * (grad - last_column_bar) - x);
+}
+
+template <typename A>
+SYMKERNELS_HOST_DEVICE inline A gradient_entry(A adjoint, A row_term, A k, A inv_tau) {
+  return (adjoint - row_term * k) * inv_tau;
 }
 
 // Constants of exp(x) = 2^k e^r with x = k ln2 + r, |r| <= ln2 / 2 (Cody-Waite reduction, a Taylor polynomial of

@@ -1,6 +1,7 @@
 // Vector building blocks of the CPU Sinkhorn kernels, written for the vectoriser: a vectorisable exp, dot
 // products, row passes over a row-major matrix and a small register-tiled matrix product. Everything is inline and
-// templated on the compute type; the kernels instantiate it once per ISA (see sinkhorn_cpu.cpp).
+// templated on the compute type and on B, the bytes of the explicit vectors (32: AVX2 or two SSE2 registers, 64:
+// AVX-512); the kernels instantiate it once per ISA (see sinkhorn_cpu.h).
 #pragma once
 
 #include <algorithm>
@@ -93,26 +94,27 @@ SYMKERNELS_INLINE A fast_exp(A x) {
 // Vector kernels.
 
 #if defined(__GNUC__)
-// 32-byte vectors of GNU C: one AVX2 register in the AVX2+FMA build, two SSE2 registers in the baseline one.
-// They only ever live in local variables (loaded and stored with memcpy), so no vector crosses a call.
+// B-byte vectors of GNU C: one register where the ISA has B-byte registers, several narrower ones otherwise
+// (32 bytes in the baseline build: two SSE2 registers). They only ever live in local variables (loaded and stored
+// with memcpy), so no vector crosses a call.
 #define SYMKERNELS_VECTORS 1
-template <typename A>
+template <typename A, int B>
 struct VectorOf {
-  typedef A type __attribute__((vector_size(32)));
+  typedef A type __attribute__((vector_size(B)));
 };
-template <typename A>
-using Vec = typename VectorOf<A>::type;
+template <typename A, int B>
+using Vec = typename VectorOf<A, B>::type;
 #else
 #define SYMKERNELS_VECTORS 0
 #endif
 
 // sum_j a[j] * b[j], with four independent vector partial sums so the adds do not wait on each other.
-template <typename A>
+template <int B, typename A>
 SYMKERNELS_INLINE A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
   int64_t j = 0;
   A s = 0;
 #if SYMKERNELS_VECTORS
-  using V = Vec<A>;
+  using V = Vec<A, B>;
   constexpr int64_t w = sizeof(V) / sizeof(A);
   V s0{}, s1{}, s2{}, s3{}, x, y;
   for (; j + 4 * w <= n; j += 4 * w) {
@@ -155,13 +157,13 @@ SYMKERNELS_INLINE void axpy(A* __restrict y, A alpha, const A* __restrict x, int
 }
 
 // out[b] = k_b · v for four rows k_0..k_3, sharing the loads of v (two vector partial sums per row).
-template <typename A>
+template <int B, typename A>
 SYMKERNELS_INLINE void dot4(const A* __restrict k0, const A* __restrict k1, const A* __restrict k2,
                             const A* __restrict k3, const A* __restrict v, int64_t n, A* __restrict out) {
   int64_t j = 0;
   A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #if SYMKERNELS_VECTORS
-  using V = Vec<A>;
+  using V = Vec<A, B>;
   constexpr int64_t w = sizeof(V) / sizeof(A);
   V s0{}, s1{}, s2{}, s3{}, t0{}, t1{}, t2{}, t3{}, x, y, z;
   for (; j + 2 * w <= n; j += 2 * w) {
@@ -242,7 +244,7 @@ SYMKERNELS_INLINE void weighted_row_sum(const A* __restrict k, const A* __restri
 
 // One pass over K [n, n]: alpha_i = fn(i, K_i · v) for every row i, and col = sum_i alpha_i K_i. Rows go in blocks
 // of 4, so v and col are loaded (and col stored) once per block.
-template <typename A, typename Fn>
+template <int B, typename A, typename Fn>
 SYMKERNELS_INLINE void row_pass(const A* __restrict k, const A* __restrict v, A* __restrict col, int64_t n, Fn&& fn) {
   std::fill(col, col + n, A(0));
   int64_t i = 0;
@@ -252,7 +254,7 @@ SYMKERNELS_INLINE void row_pass(const A* __restrict k, const A* __restrict v, A*
     const A* k2 = k1 + n;
     const A* k3 = k2 + n;
     A d[4];
-    dot4(k0, k1, k2, k3, v, n, d);
+    dot4<B>(k0, k1, k2, k3, v, n, d);
     const A a0 = fn(i, d[0]), a1 = fn(i + 1, d[1]), a2 = fn(i + 2, d[2]), a3 = fn(i + 3, d[3]);
     SYMKERNELS_SIMD
     for (int64_t j = 0; j < n; ++j) {
@@ -261,26 +263,26 @@ SYMKERNELS_INLINE void row_pass(const A* __restrict k, const A* __restrict v, A*
   }
   for (; i < n; ++i) {
     const A* ki = k + i * n;
-    axpy(col, fn(i, dot(ki, v, n)), ki, n);
+    axpy(col, fn(i, dot<B>(ki, v, n)), ki, n);
   }
 }
 
 // fn(i, K_i · v) for every row i, the products computed exactly as row_pass computes them (the same blocks of 4
 // rows, the same summation order), so that a backward recomputes the forward's scalings bit for bit.
-template <typename A, typename Fn>
+template <int B, typename A, typename Fn>
 SYMKERNELS_INLINE void row_dots(const A* __restrict k, const A* __restrict v, int64_t n, Fn&& fn) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     const A* k0 = k + i * n;
     A d[4];
-    dot4(k0, k0 + n, k0 + 2 * n, k0 + 3 * n, v, n, d);
+    dot4<B>(k0, k0 + n, k0 + 2 * n, k0 + 3 * n, v, n, d);
     fn(i, d[0]);
     fn(i + 1, d[1]);
     fn(i + 2, d[2]);
     fn(i + 3, d[3]);
   }
   for (; i < n; ++i) {
-    fn(i, dot(k + i * n, v, n));
+    fn(i, dot<B>(k + i * n, v, n));
   }
 }
 
@@ -296,7 +298,7 @@ SYMKERNELS_INLINE bool all_scalings_in_range(const A* v, int64_t n) {
 
 // X for rows i0..i0+3 into out [4, n]: out[b] = left[i0 + b] @ right; rows past n read zero padding. Register
 // tiles of 4 rows x 2 vectors, accumulated over the 2T-2 inner products.
-template <typename A>
+template <int B, typename A>
 SYMKERNELS_INLINE void left_times_right(const A* __restrict left, const A* __restrict right, int64_t width,
                                         int64_t n, int64_t i0, A* __restrict out) {
   const A* l0 = left + i0 * width;
@@ -309,7 +311,7 @@ SYMKERNELS_INLINE void left_times_right(const A* __restrict left, const A* __res
   A* o3 = o2 + n;
   int64_t j0 = 0;
 #if SYMKERNELS_VECTORS
-  using V = Vec<A>;
+  using V = Vec<A, B>;
   constexpr int64_t w = sizeof(V) / sizeof(A);
   for (; j0 + 2 * w <= n; j0 += 2 * w) {
     V c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, b0, b1;

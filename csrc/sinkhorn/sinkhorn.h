@@ -42,8 +42,8 @@ struct RaggedLayout {
   int64_t num_matrices() const { return static_cast<int64_t>(size.size()); }
 };
 
-// Kernels. Inputs are checked and contiguous, outputs allocated with their final shapes and written in full.
-// caps: nullptr or [M] iteration limits in 1..n_iter.
+// Kernels (there are matrices). Inputs are checked and contiguous, outputs allocated with their final shapes and
+// written in full. caps: nullptr or [M] iteration limits in 1..n_iter.
 void sinkhorn_forward_cpu(const at::Tensor& logits, const RaggedLayout& layout, int64_t n_iter, double tau,
                           double tol, const int32_t* caps, const at::Tensor& p, const at::Tensor& cols,
                           const at::Tensor& domain, const at::Tensor& iterations);
@@ -51,6 +51,19 @@ void sinkhorn_forward_cpu(const at::Tensor& logits, const RaggedLayout& layout, 
 void sinkhorn_backward_cpu(const at::Tensor& grad_p, const at::Tensor& logits, const RaggedLayout& layout,
                            const at::Tensor& cols, const at::Tensor& domain, const at::Tensor& iterations, double tau,
                            const at::Tensor& grad_logits);
+
+#ifdef SYMKERNELS_WITH_CUDA
+// CUDA tensors (float16, bfloat16, float32 computed in float32), on the current stream, without synchronising with
+// the device; caps, domain and iterations are clamped into their ranges by the kernels. Sizes up to 1024.
+void sinkhorn_forward_cuda(const at::Tensor& logits, const std::vector<int64_t>& sizes,
+                           const std::vector<int64_t>& counts, int64_t n_iter, double tau, double tol,
+                           const int32_t* caps, const at::Tensor& p, const at::Tensor& cols, const at::Tensor& domain,
+                           const at::Tensor& iterations);
+
+void sinkhorn_backward_cuda(const at::Tensor& grad_p, const at::Tensor& logits, const std::vector<int64_t>& sizes,
+                            const std::vector<int64_t>& counts, const at::Tensor& cols, const at::Tensor& domain,
+                            const at::Tensor& iterations, double tau, const at::Tensor& grad_logits);
+#endif
 
 }  // namespace sinkhorn_detail
 }  // namespace symkernels

@@ -13,7 +13,8 @@ dimensions.
   :mod:`~symkernels.layerwise.sharing`: a WSCNN layer plus an unconstrained path.
 - :mod:`~symkernels.layerwise.marglik`: the KFAC Laplace marginal likelihood (laplace-torch + curvlinops, the
   optional extra ``symkernels[layerwise]``, imported only when a curvature is fitted).
-- :mod:`~symkernels.layerwise.trainer`: the paper's training schedule in a resumable run folder;
+- :mod:`~symkernels.layerwise.trainer`: the paper's training schedule in a resumable run folder
+  (:mod:`~symkernels.layerwise.runs`: that folder);
   :mod:`~symkernels.layerwise.report`: shares, table and figure; :mod:`~symkernels.layerwise.tasks`: the data.
 """
 

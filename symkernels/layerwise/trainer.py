@@ -39,9 +39,10 @@ from symkernels.layerwise.config import LayerwiseConfig
 from symkernels.layerwise.marglik import fit_curvature, prior_parameters, require_laplace
 from symkernels.layerwise.models import PATH_SETS, RelaxedBackbone, parse_blocks
 from symkernels.layerwise.report import format_share_table, layer_shares, save_share_figure
+from symkernels.layerwise.runs import RunPaths, finite_json, library_versions, plan_run
 from symkernels.layerwise.sharing import SharingNetwork
 from symkernels.layerwise.tasks import TaskData, load_task
-from symkernels.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from symkernels.training.checkpoint import atomic_write_text, save_checkpoint
 from symkernels.training.config import torch_threads
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
@@ -115,7 +116,7 @@ def cosine_lr(config: LayerwiseConfig, epoch: int) -> float:
 class _Trainer:
     """One run's state between epochs."""
 
-    def __init__(self, config: LayerwiseConfig, paths: _RunPaths, device: torch.device, quiet: bool) -> None:
+    def __init__(self, config: LayerwiseConfig, paths: RunPaths, device: torch.device, quiet: bool) -> None:
         self.config, self.paths, self.device, self.quiet = config, paths, device, quiet
         task: TaskData = load_task(
             config.task,
@@ -312,7 +313,7 @@ class _Trainer:
                 "symkernels": symkernels.__version__,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
-                **_library_versions(),
+                **library_versions(),
             },
             "test_accuracy": last["test_accuracy"] if last else None,
             "epochs": self.history,
@@ -321,7 +322,7 @@ class _Trainer:
 
     def write_metrics(self, *, complete: bool) -> dict[str, Any]:
         metrics = self.metrics(complete=complete)
-        atomic_write_text(self.paths.metrics, json.dumps(_finite(metrics), indent=2) + "\n")
+        atomic_write_text(self.paths.metrics, json.dumps(finite_json(metrics), indent=2) + "\n")
         return metrics
 
     def finish(self) -> dict[str, Any]:
@@ -332,85 +333,6 @@ class _Trainer:
         atomic_write_text(self.paths.table, format_share_table(layers, title=title))
         save_share_figure([(f"{c.model}, {c.task}", layers)], self.paths.figure)
         return metrics
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Inf: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for package in ("laplace-torch", "curvlinops-for-pytorch"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return versions
-
-
-@dataclass(frozen=True)
-class _RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def table(self) -> Path:
-        return self.root / "shares.md"
-
-    @property
-    def figure(self) -> Path:
-        return self.root / "shares.png"
-
-
-def _plan(
-    out: Path, config: LayerwiseConfig | None
-) -> tuple[_RunPaths, LayerwiseConfig, dict[str, Any] | None]:
-    """Where to write and what to continue from; refuses a folder holding anything else (writes nothing).
-
-    ``config`` None: continue the run in ``out`` with its stored config.
-    """
-    paths = _RunPaths(out)
-    if paths.root.exists() and not paths.root.is_dir():
-        raise FileExistsError(f"{paths.root} exists and is not a folder")
-    if config is None:
-        if not paths.config.is_file():
-            raise FileNotFoundError(f"{paths.root} is not a layer-wise run folder (no config.json)")
-        config = LayerwiseConfig.load(paths.config)
-    elif paths.root.exists() and any(paths.root.iterdir()):
-        if not paths.config.is_file():
-            raise FileExistsError(
-                f"--out {paths.root} is not empty and is not a layer-wise run; choose another"
-            )
-        stored = LayerwiseConfig.load(paths.config)
-        if stored != config:
-            changed = [k for k, v in config.to_dict().items() if stored.to_dict()[k] != v]
-            raise FileExistsError(
-                f"--out {paths.root} holds a run of a different config (differs in {changed}); "
-                "choose another "
-                f"folder or continue it with: symkernels layerwise train --resume {paths.root}"
-            )
-    checkpoint = load_checkpoint(paths.checkpoint) if paths.checkpoint.is_file() else None
-    return paths, config, checkpoint
 
 
 def train_layerwise(
@@ -433,7 +355,7 @@ def train_layerwise(
     if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
         raise ValueError("out and resume name different folders; resume continues in RUN_DIR")
     target = Path(resume if resume is not None else (out if out is not None else default_run_dir()))
-    paths, config, checkpoint = _plan(target, config)
+    paths, config, checkpoint = plan_run(target, config)
     with torch_threads(threads), StopRequest() as stop, preserved_global_state():
         trainer = _Trainer(config, paths, torch.device(device), quiet)
         if checkpoint is not None:

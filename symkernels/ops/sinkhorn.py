@@ -217,14 +217,24 @@ def _run_op(
     stop: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    caps = None
-    if stop == "stack" and tol > 0:
-        # Every matrix of a stack runs as many iterations as its slowest one needs: first find out how many.
+    def run(tol: float, caps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, caps, backend)
+        return outputs[0], outputs[3]
+
+    if stop != "stack" or tol == 0:
+        return run(tol, None)
+    # Every matrix of a stack runs as many iterations as its slowest one needs: first find out how many.
+    if flat.device.type == "cpu":
+        # The iterations are at hand without a device sync: keep the first pass when every matrix already ran
+        # its stack's count (stopping by tol after t iterations computes what t capped iterations compute).
+        p, first = run(tol, None)
+        caps = _stack_caps(first, counts)
+        if torch.equal(caps, first):
+            return p, first
+    else:
         with torch.no_grad():
-            first = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, None, backend)[3]
-        caps, tol = _stack_caps(first, counts), 0.0
-    p, _, _, iterations = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, caps, backend)
-    return p, iterations
+            caps = _stack_caps(run(tol, None)[1], counts)
+    return run(0.0, caps)
 
 
 def _check_options(
@@ -279,7 +289,7 @@ def sinkhorn(
     tau, tol = _check_options(n_iter, tau, tol, stop, backward)
     if check_finite:
         _check_finite(logits, "logits")
-    name = backends.resolve(backend, logits.device, logits.dtype, "sinkhorn")
+    name = backends.resolve(backend, logits.device, logits.dtype, "sinkhorn", logits.shape[-1])
     batch_shape, n = logits.shape[:-2], logits.shape[-1]
     source = logits.detach() if backward == "implicit" else logits
     if name == "reference":
@@ -324,7 +334,8 @@ def grouped_sinkhorn(
     if check_finite:
         check_all_finite(checked)
     first = checked[0]
-    name = backends.resolve(backend, first.device, first.dtype, "sinkhorn")
+    max_size = max(stack.shape[-1] for stack in checked)
+    name = backends.resolve(backend, first.device, first.dtype, "sinkhorn", max_size)
     if name == "reference":
         pairs = [
             sinkhorn_reference(s, n_iter, tau, tol=tol, stop=stop, return_iterations=True) for s in checked

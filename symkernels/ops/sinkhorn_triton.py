@@ -22,7 +22,7 @@ import torch
 import triton
 
 from symkernels._checks import check_positive_int
-from symkernels.triton_kernels.expansion import INTERPRETED
+from symkernels.ops.triton_support import INTERPRETED
 from symkernels.triton_kernels.sinkhorn_chunked import chunked_forward_kernel
 from symkernels.triton_kernels.sinkhorn_chunked_backward import chunked_backward_kernel
 from symkernels.triton_kernels.sinkhorn_packed import packed_backward_kernel, packed_forward_kernel

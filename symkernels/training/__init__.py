@@ -18,7 +18,7 @@ _LAZY = {
     "export_run": "exporting",
     "TIMING_KEYS": "loop",
     "TrainResult": "loop",
-    "evaluate": "loop",
+    "evaluate": "steps",
     "resume": "loop",
     "train": "loop",
     "LoadedRun": "runs",

@@ -22,8 +22,8 @@ from symkernels.nn import precompute_representations
 from symkernels.training.checkpoint import atomic_open, atomic_write_text
 from symkernels.training.config import RuntimeOptions, torch_threads
 from symkernels.training.datasets import prepare_data
-from symkernels.training.loop import EVAL_BATCH_SIZE, torch_device
 from symkernels.training.runs import load_run
+from symkernels.training.steps import EVAL_BATCH_SIZE, torch_device
 
 EXPORT_FORMAT = "torch.export"
 

@@ -19,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from symkernels import backends
 from symkernels.models import parameter_counts
-from symkernels.nn import precompute_representations
 from symkernels.training import distributed, report
-from symkernels.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from symkernels.training.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    remove_leftover_temporaries,
+    save_checkpoint,
+)
 from symkernels.training.config import RuntimeOptions, TrainConfig, torch_threads
 from symkernels.training.datasets import TrainData, prepare_data
 from symkernels.training.distributed import DistEnv
@@ -42,10 +45,10 @@ from symkernels.training.rng import (
     set_global_state,
 )
 from symkernels.training.runs import RunPlan, default_run_dir, plan_new_or_matching, plan_resume
+from symkernels.training.steps import evaluate, torch_device, training_step
 
 # Per-epoch metrics that measure the machine, not the run: left out when comparing runs.
 TIMING_KEYS = ("seconds_per_step", "epoch_seconds")
-EVAL_BATCH_SIZE = 256
 
 LONG_EXPERIMENT_HINT = (
     "The authors' 32-channel run on 60,000 digits put >= 0.8 of two lifting elements on rotations after ~47k "
@@ -103,87 +106,6 @@ def resume(
     runtime = runtime or RuntimeOptions()
     with _session(runtime) as (env, device):
         return _run(plan_resume(run_dir, dict(given or {})), runtime, env, device, on_epoch)
-
-
-def training_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: TrainConfig,
-    *,
-    net: nn.Module | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW step on the batch ``(x, y)``: cross-entropy + λ_norm·norm + λ_ent·entropy.
-
-    ``net`` runs the forward (``model`` wrapped in DDP; default ``model``). Returns the detached
-    ``(cross-entropy, logits, norm, entropy)``; nothing is read back to the host.
-    """
-    net = model if net is None else net
-    # Every stack of the model in one grouped Sinkhorn call, shared by forward and regularisers.
-    with precompute_representations(model):
-        logits = net(x)
-        loss = F.cross_entropy(logits, y)
-        norm, entropy = model.regularizers()
-    objective = loss + config.lambda_norm * norm + config.lambda_ent * entropy
-    optimizer.zero_grad(set_to_none=True)
-    objective.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach(), norm.detach(), entropy.detach()
-
-
-def torch_device(name: str, env: DistEnv | None = None) -> torch.device:
-    """``"auto"``: CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank if env is not None else torch.cuda.current_device())
-    return device
-
-
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    device: torch.device,
-    env: DistEnv | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-) -> tuple[float, float]:
-    """``(mean cross-entropy, accuracy)`` of ``model`` in eval mode; under DDP each process scores a part and
-    the sums are combined."""
-    env = env or DistEnv()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    part = distributed.even_range(len(labels), env)
-    images, labels = images[part], labels[part]
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    try:
-        # The stacks do not depend on the input: compute them once for the whole test set.
-        with torch.no_grad(), precompute_representations(model):
-            for start in range(0, len(labels), batch_size):
-                x = images[start : start + batch_size].to(device, dtype)
-                y = labels[start : start + batch_size].to(device)
-                logits = model(x)
-                loss += F.cross_entropy(logits, y, reduction="sum").double()
-                correct += (logits.argmax(dim=1) == y).sum()
-    finally:
-        model.train(was_training)
-    loss_sum, correct_sum, count = distributed.sum_across(
-        [loss.item(), float(correct.item()), float(len(labels))], env, device
-    )
-    if count == 0:
-        raise ValueError("the test set is empty")
-    return loss_sum / count, correct_sum / count
 
 
 @contextlib.contextmanager
@@ -301,6 +223,9 @@ class _Trainer:
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "steps": self.steps,
+            # How this epoch ran: a resumed run may use another backend or thread count than its first epochs.
+            "backend": self.backend,
+            "threads": torch.get_num_threads(),
             "seconds_per_step": seconds / self.steps,
             "epoch_seconds": seconds,
             # Every layer's stack decomposed onto its exact group (rows: stack elements, identity included).
@@ -414,6 +339,7 @@ def _run(
         distributed.barrier(env)
         if env.is_main:
             plan.paths.root.mkdir(parents=True, exist_ok=True)
+            remove_leftover_temporaries(plan.paths.root)  # of a run killed while writing
             atomic_write_text(plan.paths.config, config.to_json())
         distributed.barrier(env)
         _say(runtime, env, _banner(trainer))

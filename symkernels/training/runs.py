@@ -30,8 +30,8 @@ from symkernels.training.factory import build_model
 
 
 @dataclass(frozen=True)
-class RunPaths:
-    """File names inside a run folder."""
+class RunFiles:
+    """The files of every run folder (this package's runs and the layer-wise ones)."""
 
     root: Path
 
@@ -46,6 +46,11 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+
+@dataclass(frozen=True)
+class RunPaths(RunFiles):
+    """File names inside a training run folder."""
 
     @property
     def stacks_plot(self) -> Path:

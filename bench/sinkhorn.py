@@ -1,0 +1,256 @@
+"""Sinkhorn, T = 20, τ = 1: every implementation against the peers a user would pick instead.
+
+    python bench/sinkhorn.py [--quick] [--threads 1 2] [--only REGEX] [--device cpu|cuda] [--out FILE]
+
+Workloads (``bench/workloads.py``): the stacks of the paper's MNIST WSCNN (3×25×25 + 4 × 3×100×100) and CIFAR
+WS-ResNet (3×49×49 + 4 × 3×196×196), run as the models do without grouping (one call per layer), and batches
+of 1024×16×16, 1024×64×64 and 64×256×256; logits at the paper's init U[0, 1) and sharp N(0, 3²); forward, and
+forward + backward with a fixed random output gradient.
+
+Providers: the eager reference (``sinkhorn_reference``) and its ``torch.compile``d version (section
+``compiled``, compile time in ``first_call_s``; on the CPU only for the model stacks and 1024×16×16), the
+authors' loop (early exit on ``allclose``, a host sync per iteration), every native backend that serves the
+device through ``symkernels.sinkhorn`` (``check_finite=False``: the finiteness test is a separate pass, and a
+host sync on a GPU; ``bench/overhead.py`` measures it), the grouped call (every layer's stack in one call),
+the authors' stopping rule decided in the kernel (``tol=AUTHORS_TOLERANCE, stop="stack"``), and POT's batched
+solvers on torch tensors (``ot.batch``: ``solve_batch(method="sinkhorn")`` and the Bregman projections in the
+scaling and the log domain, 20 iterations, tolerance 0, uniform marginals of ones), which are checked to give
+the same P and gradients as ``symkernels.sinkhorn`` in float64 before they are timed.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":  # `python bench/sinkhorn.py` puts bench/, not the repository root, on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import symkernels
+from bench.harness import Case, Closure
+from bench.workloads import MODEL_STACKS, REGIMES, SINKHORN_WORKLOADS, make_logits
+from symkernels.reference import sinkhorn_early_exit, sinkhorn_reference
+
+OP = "sinkhorn"
+N_ITER, TAU = 20, 1.0
+MODES = ("fwd", "fwd+bwd")
+QUICK_WORKLOADS = ("mnist-wscnn", "batch-1024x16x16")
+COMPILED_CPU_WORKLOADS = ("mnist-wscnn", "cifar-wsresnet", "batch-1024x16x16")
+REFERENCE, COMPILED, AUTHORS = "reference", "reference-compiled", "authors-loop"
+POT_PROVIDERS = ("pot-solve", "pot-scaling", "pot-log")
+POT_HINT = "POT is not installed (pip install -e '.[bench]')"
+
+
+def native_backends(device: str) -> list[str]:
+    """The symkernels backends that run on ``device``'s kind of tensors (usable here or not)."""
+    if torch.device(device).type == "cuda":
+        return ["cuda", "triton"]
+    return ["cpu"]
+
+
+def backend_reason(name: str, device: str) -> str | None:
+    """Why backend ``name`` cannot run the Sinkhorn op on float32 tensors of ``device`` (None: it can)."""
+    try:
+        symkernels.backends.resolve(name, torch.device(device), torch.float32, "sinkhorn")
+    except (RuntimeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# POT
+
+
+def pot_module():
+    try:
+        import ot.batch
+    except ImportError:
+        return None
+    return ot
+
+
+def pot_plan(provider: str, x: torch.Tensor, tau: float = TAU, n_iter: int = N_ITER) -> torch.Tensor:
+    """P of ``[B, n, n]`` logits by one of POT's batched solvers, with gradients through autograd."""
+    from ot.batch import solve_batch
+    from ot.batch._utils import bregman_log_projection_batch, bregman_projection_batch
+
+    ones = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+    options = {"max_iter": n_iter, "tol": 0, "grad": "autodiff"}
+    if provider == "pot-solve":
+        return solve_batch(M=-x, reg=tau, a=ones, b=ones, method="sinkhorn", **options).plan
+    if provider == "pot-scaling":
+        return bregman_projection_batch(torch.exp(x / tau), ones, ones, **options)["T"]
+    if provider == "pot-log":
+        return bregman_log_projection_batch(x / tau, ones, ones, **options)["T"]
+    raise ValueError(f"provider must be one of {POT_PROVIDERS}, got {provider!r}")
+
+
+def pot_disagreement(tolerance: float = 1e-12) -> str | None:
+    """None when every POT solver gives the same P and gradient as ``symkernels.sinkhorn`` in float64 (both
+    regimes, τ = 1 and 0.5, n = 25 and 7, 20 iterations), else what differs."""
+    if pot_module() is None:
+        return POT_HINT
+    return _pot_disagreement(tolerance)
+
+
+@functools.cache
+def _pot_disagreement(tolerance: float) -> str | None:
+    generator = torch.Generator().manual_seed(1)
+    for regime in REGIMES:
+        for tau in (1.0, 0.5):
+            for shape in ((3, 25, 25), (2, 7, 7)):
+                x = make_logits(shape, regime, generator, torch.float64).requires_grad_()
+                grad = torch.randn(shape, generator=generator, dtype=torch.float64)
+                ours = symkernels.sinkhorn(x, N_ITER, tau)
+                (our_grad,) = torch.autograd.grad(ours, x, grad)
+                for provider in POT_PROVIDERS:
+                    theirs = pot_plan(provider, x, tau)
+                    (their_grad,) = torch.autograd.grad(theirs, x, grad)
+                    error = max(
+                        (theirs - ours).abs().max().item(), (their_grad - our_grad).abs().max().item()
+                    )
+                    if not error <= tolerance:
+                        return (
+                            f"{provider} differs from symkernels.sinkhorn by {error:.1e} in float64 "
+                            f"({regime} logits, tau {tau}, shape {shape}): not timed"
+                        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Providers: each maps the list of logits of a workload (one tensor per call) to the list of outputs.
+
+
+@functools.cache
+def compiled_reference() -> Callable[[torch.Tensor], torch.Tensor]:
+    # Every (shape, grad) variant is its own graph: keep them all instead of falling back to eager.
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return sinkhorn_reference(x, N_ITER, TAU)
+
+    return torch.compile(reference, fullgraph=True, dynamic=False)
+
+
+def provider_fn(provider: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    if provider == REFERENCE:
+        return lambda xs: [sinkhorn_reference(x, N_ITER, TAU) for x in xs]
+    if provider == COMPILED:
+        return lambda xs: [compiled_reference()(x) for x in xs]
+    if provider == AUTHORS:
+        return lambda xs: [sinkhorn_early_exit(x, N_ITER, TAU) for x in xs]
+    if provider in POT_PROVIDERS:
+        return lambda xs: [pot_plan(provider, x) for x in xs]
+    backend, _, variant = provider.partition("-")
+    grouped = variant.startswith("grouped")
+    variant = variant.removeprefix("grouped").removeprefix("-")
+    options = {"backend": backend, "check_finite": False}
+    if variant == "authors-tol":
+        options.update(tol=symkernels.AUTHORS_TOLERANCE, stop="stack")
+    elif variant:
+        raise ValueError(f"unknown provider {provider!r}")
+    if grouped:
+        return lambda xs: symkernels.grouped_sinkhorn(xs, N_ITER, TAU, **options)
+    return lambda xs: [symkernels.sinkhorn(x, N_ITER, TAU, **options) for x in xs]
+
+
+def make_closure(provider: str, workload: str, mode: str, regime: str, device: str) -> Callable[[], Closure]:
+    def make() -> Closure:
+        generator = torch.Generator().manual_seed(0)
+        backward = mode == "fwd+bwd"
+        xs = [
+            make_logits(shape, regime, generator).to(device).requires_grad_(backward)
+            for shape in SINKHORN_WORKLOADS[workload]
+        ]
+        run = provider_fn(provider)
+        if not backward:
+
+            def forward() -> list[torch.Tensor]:
+                with torch.no_grad():
+                    return run(xs)
+
+            return forward
+        grads = [torch.randn(x.shape, generator=generator).to(device) for x in xs]
+
+        def forward_backward() -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(run(xs), xs, grads)
+
+        return forward_backward
+
+    return make
+
+
+def requirement(provider: str, device: str) -> Callable[[], str | None]:
+    def requires() -> str | None:
+        if provider in (REFERENCE, AUTHORS):
+            return None
+        if provider == COMPILED:
+            return None if hasattr(torch, "compile") else "this torch has no torch.compile"
+        if provider in POT_PROVIDERS:
+            return pot_disagreement()
+        return backend_reason(provider.partition("-")[0], device)
+
+    return requires
+
+
+def providers(device: str, workload: str, *, compiled: bool) -> list[str]:
+    if compiled:
+        return [COMPILED]
+    names = [REFERENCE, AUTHORS]
+    for backend in native_backends(device):
+        names.append(backend)
+        if workload in MODEL_STACKS:
+            names.append(f"{backend}-grouped")
+        names.append(f"{backend}-authors-tol")
+        if workload in MODEL_STACKS:
+            names.append(f"{backend}-grouped-authors-tol")
+    return names + list(POT_PROVIDERS)
+
+
+def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
+    """The Sinkhorn cases: forward + backward before forward, model stacks before batches; the compiled
+    reference last, in its own section (its compile takes minutes)."""
+    workloads = QUICK_WORKLOADS if quick else tuple(SINKHORN_WORKLOADS)
+    out = []
+    for compiled in (False, True) if not quick else (False,):
+        # On the CPU, inductor takes minutes per shape: the compiled reference runs on the smaller workloads.
+        cpu = torch.device(device).type == "cpu"
+        for mode in reversed(MODES):
+            for workload in COMPILED_CPU_WORKLOADS if compiled and cpu else workloads:
+                for regime in REGIMES:
+                    for provider in providers(device, workload, compiled=compiled):
+                        shapes = SINKHORN_WORKLOADS[workload]
+                        out.append(
+                            Case(
+                                op=OP,
+                                section="compiled" if compiled else OP,
+                                workload=workload,
+                                mode=mode,
+                                provider=provider,
+                                regime=regime,
+                                device=device,
+                                make=make_closure(provider, workload, mode, regime, device),
+                                requires=requirement(provider, device),
+                                graph=provider not in (AUTHORS, *POT_PROVIDERS),  # host syncs
+                                info={
+                                    "shapes": [list(s) for s in shapes],
+                                    "n_iter": N_ITER,
+                                    "tau": TAU,
+                                    # Minimum traffic of a float32 forward: read the logits, write P.
+                                    "bytes_moved": sum(8 * s[0] * s[1] * s[2] for s in shapes),
+                                },
+                            )
+                        )
+    return out
+
+
+if __name__ == "__main__":
+    from bench.__main__ import main
+
+    sys.exit(main(ops=[OP]))

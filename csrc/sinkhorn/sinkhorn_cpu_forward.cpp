@@ -1,0 +1,226 @@
+// The forward kernel of the Sinkhorn ops on the CPU (the design is described in sinkhorn_cpu.h): per matrix, the
+// iterations in the scaling domain or, where that domain cannot serve, in the log domain; P, the saved column
+// scalings (or potentials), the domain and the iterations run.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include "sinkhorn/sinkhorn_cpu.h"
+
+namespace symkernels::sinkhorn_detail {
+namespace {
+
+// Scaling-domain iterations: c_0 = 1; for t = 1, 2, ...: r_t = 1 / (K c_{t-1}), c_t = 1 / (K' r_t), one row-major
+// pass over K per iteration (the row's dot product, then its contribution to the column sums). With the early
+// exit, the row pass of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = r_{t-1}[i] (K c_{t-1})_i; when every row
+// passes, iteration t is discarded. rs: [T, n], cs: [T + 1, n]. Returns T, the iterations kept, or 0 as soon as a
+// scaling leaves the safe range (or is NaN).
+template <int B, typename A>
+SYMKERNELS_INLINE int64_t scaling_iterate(const A* __restrict k, int64_t n, int64_t limit, bool early_exit, A tol,
+                                          A* __restrict rs, A* __restrict cs, A* __restrict col) {
+  std::fill(cs, cs + n, A(1));
+  for (int64_t t = 1; t <= limit; ++t) {
+    const A* c_prev = cs + (t - 1) * n;
+    const A* r_prev = t >= 2 ? rs + (t - 2) * n : nullptr;
+    A* r = rs + (t - 1) * n;
+    A* c = cs + t * n;
+    const bool test = early_exit && t >= 2;
+    bool passed = true;
+    row_pass<B>(k, c_prev, col, n, [&](int64_t i, A d) {
+      if (test) {
+        passed &= row_sum_within(scaling_row_sum(r_prev[i], d), tol);
+      }
+      const A ri = A(1) / d;
+      r[i] = ri;
+      return ri;
+    });
+    if (test && passed) {
+      return t - 1;
+    }
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      c[j] = A(1) / col[j];
+    }
+    if (!all_scalings_in_range(r, n) || !all_scalings_in_range(c, n)) {
+      return 0;
+    }
+  }
+  return limit;
+}
+
+// The log-domain column step g = -lse_i(L0 + f), walking the matrix row by row (maxima first, then sums).
+template <typename A>
+SYMKERNELS_INLINE void log_col_step(const A* __restrict l0, const A* __restrict f, int64_t n, A* __restrict g,
+                                    A* __restrict col_max, A* __restrict col_sum) {
+  std::fill(col_max, col_max + n, -std::numeric_limits<A>::infinity());
+  for (int64_t i = 0; i < n; ++i) {
+    const A* li = l0 + i * n;
+    const A fi = f[i];
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const A e = li[j] + fi;
+      col_max[j] = e > col_max[j] ? e : col_max[j];
+    }
+  }
+  std::fill(col_sum, col_sum + n, A(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const A* li = l0 + i * n;
+    const A fi = f[i];
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      col_sum[j] += fast_exp(li[j] + fi - col_max[j]);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    g[j] = log_potential(col_max[j], col_sum[j]);
+  }
+}
+
+// Log-domain iterations: g_0 = 0; f_t = -lse_j(L0 + g_{t-1}), g_t = -lse_i(L0 + f_t). With the early exit, the row
+// step of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = exp(f_{t-1}[i] - f_t[i]). fs: [T, n], gs: [T + 1, n].
+// Returns T, the iterations kept.
+template <typename A>
+SYMKERNELS_INLINE int64_t log_iterate(const A* __restrict l0, int64_t n, int64_t limit, bool early_exit, A tol,
+                                      A* __restrict fs, A* __restrict gs, A* __restrict col_max,
+                                      A* __restrict col_sum) {
+  std::fill(gs, gs + n, A(0));
+  for (int64_t t = 1; t <= limit; ++t) {
+    A* f = fs + (t - 1) * n;
+    log_row_step(l0, gs + (t - 1) * n, n, f);
+    if (early_exit && t >= 2) {
+      const A* f_prev = fs + (t - 2) * n;
+      bool passed = true;
+      for (int64_t i = 0; i < n; ++i) {
+        passed &= row_sum_within(static_cast<A>(log_row_sum(f_prev[i], f[i])), tol);
+      }
+      if (passed) {
+        return t - 1;
+      }
+    }
+    log_col_step(l0, f, n, gs + t * n, col_max, col_sum);
+  }
+  return limit;
+}
+
+// c_1..c_T (or g_1..g_T), [T, n] in the compute type, into a matrix's slab of `cols` [n_iter, max_n]; every other
+// entry of the slab is set to 0.
+template <typename A>
+SYMKERNELS_INLINE void save_cols(const A* __restrict cs, int64_t n, int64_t iterations, int64_t n_iter,
+                                 int64_t max_n, double* __restrict slab) {
+  for (int64_t t = 0; t < iterations; ++t) {
+    double* row = slab + t * max_n;
+    const A* c = cs + t * n;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = static_cast<double>(c[j]);
+    }
+    std::fill(row + n, row + max_n, 0.0);
+  }
+  std::fill(slab + iterations * max_n, slab + n_iter * max_n, 0.0);
+}
+
+// One matrix of the forward: P, its slab of cols, its domain and iterations.
+template <int B, typename S, typename A>
+SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, int64_t m, Workspace<A>& ws) {
+  const int64_t n = a.size[m];
+  const S* x = a.logits + a.offset[m];
+  S* p = a.p + a.offset[m];
+  const int64_t limit = iteration_limit(a.caps, m, a.n_iter);
+  A* k = ws.mat.data();
+  A* row_max = ws.row_max.data();
+  A* rs = ws.rows.data();
+  A* cs = ws.cols.data();
+  int64_t iterations = 0;  // stays 0 unless the scaling domain serves
+  if (load_logits(x, a.tau, n, k, row_max)) {
+    build_kernel(k, row_max, n);
+    iterations = scaling_iterate<B>(k, n, limit, a.early_exit, a.tol, rs, cs, ws.v1.data());
+  }
+  const bool scaling = iterations > 0;
+  if (scaling) {
+    const A* r = rs + (iterations - 1) * n;
+    const A* c = cs + iterations * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const A* ki = k + i * n;
+      S* pi = p + i * n;
+      const A ri = r[i];
+      SYMKERNELS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] = static_cast<S>(ri * ki[j] * c[j]);
+      }
+    }
+  } else {
+    load_logits(x, a.tau, n, k, row_max);  // K may have overwritten L0
+    iterations = log_iterate(k, n, limit, a.early_exit, a.tol, rs, cs, ws.v1.data(), ws.v2.data());
+    const A* f = rs + (iterations - 1) * n;
+    const A* g = cs + iterations * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const A* li = k + i * n;
+      S* pi = p + i * n;
+      const A fi = f[i];
+      SYMKERNELS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] = static_cast<S>(fast_exp(li[j] + fi + g[j]));
+      }
+    }
+  }
+  a.domain[m] = scaling ? kScalingDomain : kLogDomain;
+  a.iterations[m] = static_cast<int32_t>(iterations);
+  save_cols(cs + n, n, iterations, a.n_iter, a.max_n, a.cols + m * a.n_iter * a.max_n);
+}
+
+template <int B, typename S, typename A>
+SYMKERNELS_INLINE void forward_range_impl(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
+  const int64_t n = *std::max_element(a.size + begin, a.size + end);
+  Workspace<A> ws(n, a.n_iter, /*backward=*/false);
+  for (int64_t m = begin; m < end; ++m) {
+    forward_matrix<B, S, A>(a, m, ws);
+  }
+}
+
+template <typename S, typename A>
+void forward_range(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
+  forward_range_impl<32, S, A>(a, begin, end);
+}
+
+#if SYMKERNELS_SINKHORN_AVX2
+template <typename S, typename A>
+SYMKERNELS_TARGET_AVX2 void forward_range_avx2(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
+  forward_range_impl<32, S, A>(a, begin, end);
+}
+
+template <typename S, typename A>
+SYMKERNELS_TARGET_AVX512 void forward_range_avx512(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
+  forward_range_impl<64, S, A>(a, begin, end);
+}
+#endif
+
+}  // namespace
+
+void sinkhorn_forward_cpu(const at::Tensor& logits, const RaggedLayout& layout, int64_t n_iter, double tau,
+                          double tol, const int32_t* caps, const at::Tensor& p, const at::Tensor& cols,
+                          const at::Tensor& domain, const at::Tensor& iterations) {
+  const int64_t* size = layout.size.data();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sinkhorn_forward_cpu", [&] {
+    using A = typename ComputeType<scalar_t>::type;
+    const ForwardArgs<scalar_t, A> args{logits.const_data_ptr<scalar_t>(),
+                                        p.mutable_data_ptr<scalar_t>(),
+                                        cols.mutable_data_ptr<double>(),
+                                        domain.mutable_data_ptr<int32_t>(),
+                                        iterations.mutable_data_ptr<int32_t>(),
+                                        caps,
+                                        size,
+                                        layout.offset.data(),
+                                        static_cast<scalar_t>(tau),
+                                        static_cast<A>(tol),
+                                        early_exit_enabled(tol),
+                                        n_iter,
+                                        layout.max_n};
+#if SYMKERNELS_SINKHORN_AVX2
+    const auto range = pick_for_isa(&forward_range<scalar_t, A>, &forward_range_avx2<scalar_t, A>,
+                                    &forward_range_avx512<scalar_t, A>);
+#else
+    const auto range = &forward_range<scalar_t, A>;
+#endif
+    run_tasks(layout.num_matrices(), size, caps, n_iter, [&](int64_t begin, int64_t end) { range(args, begin, end); });
+  });
+}
+
+}  // namespace symkernels::sinkhorn_detail

@@ -1,0 +1,109 @@
+// Python bindings of the emulated CUDA Sinkhorn kernels, with the entry points' contract: CPU tensors stand in for
+// the CUDA ones (float32, float16, bfloat16), fresh outputs filled with NaN.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "sinkhorn_emulated.h"
+
+namespace sc = symkernels::sinkhorn_cuda;
+
+namespace {
+
+sc::ElementType element_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return sc::ElementType::kFloat32;
+    case at::kHalf:
+      return sc::ElementType::kFloat16;
+    case at::kBFloat16:
+      return sc::ElementType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "emulated kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+int64_t max_size(const std::vector<int64_t>& sizes, const std::vector<int64_t>& counts) {
+  int64_t max_n = 0;
+  for (size_t l = 0; l < sizes.size(); ++l) {
+    if (counts[l] > 0) max_n = std::max(max_n, sizes[l]);
+  }
+  return max_n;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits,
+                                                                   const std::vector<int64_t>& sizes,
+                                                                   const std::vector<int64_t>& counts, int64_t n_iter,
+                                                                   double tau, double tol,
+                                                                   const std::optional<at::Tensor>& caps,
+                                                                   int64_t cluster, int64_t shared_rows) {
+  TORCH_CHECK(logits.is_contiguous() && logits.dim() == 1, "logits must be 1-D and contiguous");
+  int64_t matrices = 0;
+  for (int64_t c : counts) matrices += c;
+  const int64_t max_n = max_size(sizes, counts);
+  auto nan = std::numeric_limits<double>::quiet_NaN();
+  at::Tensor p = at::full_like(logits, nan);
+  at::Tensor cols = at::full({matrices, n_iter, max_n}, nan, logits.options().dtype(at::kDouble));
+  at::Tensor domain = at::full({matrices}, -7, logits.options().dtype(at::kInt));
+  at::Tensor iterations = at::full({matrices}, -7, logits.options().dtype(at::kInt));
+  at::Tensor kernel_rows = at::full({logits.numel()}, nan, logits.options().dtype(at::kFloat));
+  at::Tensor cap_values = caps.has_value() ? caps->contiguous() : at::Tensor();
+  sc::ForwardArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.p = p.mutable_data_ptr();
+  a.cols = cols.mutable_data_ptr<double>();
+  a.domain = domain.mutable_data_ptr<int32_t>();
+  a.iterations = iterations.mutable_data_ptr<int32_t>();
+  a.caps = cap_values.defined() ? cap_values.const_data_ptr<int32_t>() : nullptr;
+  a.kernel_rows = kernel_rows.mutable_data_ptr<float>();
+  a.type = element_type(logits);
+  a.n_iter = static_cast<int32_t>(n_iter);
+  a.max_n = static_cast<int32_t>(max_n);
+  a.tau = static_cast<float>(tau);
+  a.tol = static_cast<float>(tol);
+  a.test = tol > 0 ? 1 : 0;
+  if (matrices > 0) {
+    sc::emulated_forward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows)});
+  }
+  return {p, cols, domain, iterations};
+}
+
+at::Tensor backward(const at::Tensor& grad_p, const at::Tensor& logits, const std::vector<int64_t>& sizes,
+                    const std::vector<int64_t>& counts, const at::Tensor& cols, const at::Tensor& domain,
+                    const at::Tensor& iterations, double tau, int64_t cluster, int64_t shared_rows) {
+  TORCH_CHECK(logits.is_contiguous() && grad_p.is_contiguous() && cols.is_contiguous(), "contiguous inputs");
+  auto nan = std::numeric_limits<double>::quiet_NaN();
+  at::Tensor out = at::full_like(logits, nan);
+  const int64_t n_iter = cols.size(1);
+  const int64_t slots = std::max<int64_t>(1, sc::emulated_block_rows(sizes, counts) * sc::row_slots(n_iter));
+  at::Tensor kernel_rows = at::full({logits.numel()}, nan, logits.options().dtype(at::kFloat));
+  at::Tensor row_scratch = at::full({slots}, nan, logits.options().dtype(at::kDouble));
+  at::Tensor vector_scratch = at::full({slots}, nan, logits.options().dtype(at::kFloat));
+  sc::BackwardArgs a{};
+  a.grad = grad_p.const_data_ptr();
+  a.logits = logits.const_data_ptr();
+  a.out = out.mutable_data_ptr();
+  a.cols = cols.const_data_ptr<double>();
+  a.domain = domain.const_data_ptr<int32_t>();
+  a.iterations = iterations.const_data_ptr<int32_t>();
+  a.kernel_rows = kernel_rows.mutable_data_ptr<float>();
+  a.row_scratch = row_scratch.mutable_data_ptr<double>();
+  a.vector_scratch = vector_scratch.mutable_data_ptr<float>();
+  a.type = element_type(logits);
+  a.n_iter = static_cast<int32_t>(n_iter);
+  a.max_n = static_cast<int32_t>(cols.size(2));
+  a.tau = static_cast<float>(tau);
+  if (cols.size(0) > 0) {
+    sc::emulated_backward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows)});
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sinkhorn_forward", &forward);
+  m.def("sinkhorn_backward", &backward);
+}

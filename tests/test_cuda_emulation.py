@@ -1,0 +1,170 @@
+"""The CUDA Sinkhorn kernels' logic, run on the CPU.
+
+tests/cuda_emulation compiles the kernel templates of csrc/sinkhorn/sinkhorn_cuda_*.cuh as host code, each
+CUDA thread a fiber (cuda_emulation.h), with the launches the CUDA entry points make; the cluster size and the
+rows of K kept in shared memory are chosen here, to reach every storage path (registers, shared memory, the
+global copy) and the exchange between the CTAs of a cluster. The kernels must match the reference (P,
+iterations, gradient) on the GPU parity sizes, write every output element (fresh outputs are NaN), and agree
+with the native CPU kernels on the saved state. What this cannot find: data races, and anything about speed
+(the GPU tests in test_cuda_kernels.py and compute-sanitizer in scripts/gpu_check.sh do that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from symkernels import _native
+from symkernels.reference import sinkhorn_reference
+from tests.testing import assert_as_accurate_as_reference, make_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "cuda_emulation"
+CSRC = ROOT / "csrc"
+
+
+def _sources_key() -> str:
+    digest = hashlib.sha256(torch.__version__.encode())
+    files = sorted(EMULATION.glob("*")) + sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh"))
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulated kernels' module, compiled once per source version into a cache folder (~1 min)."""
+    from torch.utils.cpp_extension import load
+
+    key = _sources_key()
+    cache = Path(os.environ.get("SYMKERNELS_CACHE", Path.home() / ".cache" / "symkernels"))
+    build = cache / f"cuda-emulation-{key}"
+    build.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=f"symkernels_cuda_emulation_{key}",
+        sources=[str(EMULATION / "binding.cpp"), str(EMULATION / "sinkhorn_emulated.cpp")],
+        extra_include_paths=[str(CSRC), str(EMULATION)],
+        # Unoptimised: the harness tells collectives apart by their call site, and an optimiser that
+        # duplicates code paths (tail duplication, loop unswitching) gives one collective several sites.
+        extra_cflags=["-O0"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+# Block launches: (CTAs per cluster, rows of K per CTA in shared memory). (1, 0): rows past the registers in
+# the global copy; (1, 4096): in shared memory; clusters split the rows (and need the exchange between CTAs).
+LAUNCHES = {"cta": (1, 4096), "global-rows": (1, 0), "cluster2": (2, 4096), "cluster4-mixed": (4, 3)}
+
+
+def run(emulated, logits, sizes, counts, n_iter, tau, tol=0.0, caps=None, launch=(1, 4096), grad=None):
+    p, cols, domain, iterations = emulated.sinkhorn_forward(
+        logits, sizes, counts, n_iter, tau, tol, caps, *launch
+    )
+    grad_logits = None
+    if grad is not None:
+        grad_logits = emulated.sinkhorn_backward(
+            grad, logits, sizes, counts, cols, domain, iterations, tau, *launch
+        )
+    return p, cols, domain, iterations, grad_logits
+
+
+def check_stack(emulated, logits64, n_iter, tau, dtype, *, tol=0.0, launch=(1, 4096)):
+    """One stack [B, n, n]: P, iterations and gradient as accurate as the same-dtype reference."""
+    b, n, _ = logits64.shape
+    logits64 = logits64.to(dtype).to(torch.float64).requires_grad_()
+    truth, truth_iterations = sinkhorn_reference(logits64, n_iter, tau, tol=tol, return_iterations=True)
+    grad = make_logits(b, n, n, dtype=torch.float64, seed=11).to(dtype)
+    (truth_grad,) = torch.autograd.grad(truth, logits64, grad.to(torch.float64))
+    low = logits64.detach().to(dtype).requires_grad_()
+    expected = sinkhorn_reference(low, n_iter, tau, tol=tol)
+    (expected_grad,) = torch.autograd.grad(expected, low, grad)
+
+    flat = low.detach().reshape(-1).contiguous()
+    p, cols, domain, iterations, got_grad = run(
+        emulated, flat, [n], [b], n_iter, tau, tol, launch=launch, grad=grad.reshape(-1).contiguous()
+    )
+    assert not p.isnan().any() and not got_grad.isnan().any(), "an output element was not written"
+    assert not cols.isnan().any() and bool(((domain == 0) | (domain == 1)).all())
+    if tol:
+        assert torch.equal(iterations, truth_iterations.to(torch.int32)), (iterations, truth_iterations)
+    else:
+        assert bool((iterations == n_iter).all()), iterations
+    assert_as_accurate_as_reference(p.view(b, n, n), expected.detach(), truth.detach())
+    assert_as_accurate_as_reference(got_grad.view(b, n, n), expected_grad, truth_grad)
+    return cols, domain, iterations
+
+
+# The GPU parity sizes (test_sinkhorn.py::GPU_SIZES), each kernel layout: small groups of 2..32 lanes, block
+# widths CT = 2..32. Few iterations for the largest sizes: the fibers are slow, not the math.
+PARITY = [(1, 20), (3, 20), (9, 20), (16, 20), (25, 20), (36, 20), (49, 8), (64, 8), (100, 3), (196, 2),
+          (256, 2), (392, 1), (784, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "n_iter"), PARITY, ids=[f"n{n}-T{t}" for n, t in PARITY])
+def test_emulated_kernels_match_reference_on_the_parity_sizes(emulated, n, n_iter):
+    batch = max(1, min(3, 2048 // (n * n)))
+    logits = make_logits(batch, n, n, dtype=torch.float64, seed=n)
+    check_stack(emulated, logits, n_iter, 1.0, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("n", [7, 40])
+def test_emulated_kernels_read_and_write_half_types(emulated, n, dtype):
+    check_stack(emulated, make_logits(2, n, n, dtype=torch.float64, seed=3), 5, 0.7, dtype)
+
+
+STORAGE_CASES = [(40, name) for name in LAUNCHES] + [(100, "global-rows"), (100, "cluster4-mixed")]
+
+
+@pytest.mark.parametrize(("n", "launch"), STORAGE_CASES, ids=[f"{n}-{name}" for n, name in STORAGE_CASES])
+def test_emulated_block_kernels_on_every_storage_path(emulated, n, launch):
+    launch = LAUNCHES[launch]
+    logits = make_logits(2, n, n, dtype=torch.float64, seed=n + 1)
+    check_stack(emulated, logits, 4, 0.8, torch.float32, launch=launch)
+
+
+@pytest.mark.parametrize("launch", [LAUNCHES["cta"], LAUNCHES["cluster2"]], ids=["cta", "cluster2"])
+@pytest.mark.parametrize("n", [6, 40])
+def test_emulated_log_domain_and_tolerance_exit(emulated, n, launch):
+    """A spread-out matrix next to ordinary ones goes to the log domain alone; the exit is per matrix."""
+    logits = make_logits(3, n, n, dtype=torch.float64, seed=5)
+    logits[1] *= 60.0  # spread beyond the scaling domain's limit
+    logits[2] *= 0.02  # converges within a few iterations
+    _, domain, iterations = check_stack(emulated, logits, 6, 1.0, torch.float32, launch=launch)
+    assert domain.tolist() == [0, 1, 0]
+    _, domain, iterations = check_stack(emulated, logits, 6, 1.0, torch.float32, tol=1e-4, launch=launch)
+    assert domain.tolist() == [0, 1, 0] and iterations[2] < iterations[0], iterations
+
+
+def test_emulated_ragged_call_matches_the_native_cpu_kernels(emulated):
+    """Stacks of every kernel family in one call, with caps: the same iterations, domains and (to float32
+    rounding) the same saved column scalings and outputs as the native CPU kernels."""
+    if not _native.native_status().loaded:
+        pytest.fail(f"the native CPU kernels are unavailable: {_native.native_status().reason}")
+    sizes, counts = [3, 40, 17, 3, 70], [2, 1, 3, 0, 1]
+    flat = torch.cat([make_logits(c * n * n, seed=n) for n, c in zip(sizes, counts, strict=True)])
+    caps = torch.tensor([5, 2, 6, 1, 3, 6, 4], dtype=torch.int32)
+    grad = make_logits(flat.numel(), seed=2)
+    got = run(emulated, flat, sizes, counts, 6, 0.9, 0.0, caps, launch=LAUNCHES["cluster2"], grad=grad)
+    library = _native.library()
+    want = library.sinkhorn_forward(flat, sizes, counts, 6, 0.9, 0.0, caps)
+    want_grad = library.sinkhorn_backward(grad, flat, sizes, counts, *want[1:], 0.9)
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    assert got[3].tolist() == caps.tolist()
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got[4], want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_emulated_kernels_clamp_out_of_range_caps(emulated):
+    """The CUDA entry points cannot read caps without a host sync: the kernels clamp them to 1..n_iter."""
+    flat = make_logits(3 * 16, seed=1)
+    caps = torch.tensor([0, 99, -5], dtype=torch.int32)
+    iterations = run(emulated, flat, [4], [3], 7, 1.0, 0.0, caps)[3]
+    assert iterations.tolist() == [1, 7, 1]

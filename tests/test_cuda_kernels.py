@@ -1,0 +1,187 @@
+"""The native CUDA Sinkhorn kernels on a GPU (every test here needs one: marked ``cuda``, skipped without).
+
+The parity matrix (every GPU size, T, dtype, the tolerance exit, NaN-poisoned outputs) is
+test_sinkhorn.py::test_gpu_parity_matrix with the ``cuda`` implementation; this module adds what is specific
+to the native kernels: ragged calls that mix every kernel family against the native CPU kernels, the launch
+contract (current stream, no host synchronisation, CUDA-graph capture, torch.compile), determinism, the size
+limit, and the workload that scripts/gpu_check.sh runs under compute-sanitizer (``-k sanitizer``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import symkernels
+from symkernels import _native, backends
+from tests.testing import make_logits
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernels():
+    status = backends.backend_status()["cuda"]
+    if not status.usable:
+        pytest.fail(f"a GPU is visible but the cuda backend is unusable: {status.detail}")
+
+
+def ragged(sizes, counts, device, seed=0, scale=1.0):
+    flat = torch.cat(
+        [make_logits(c * n * n, seed=seed + n, scale=scale) for n, c in zip(sizes, counts, strict=True)]
+    )
+    return flat.to(device)
+
+
+def native(flat, sizes, counts, n_iter, tau, tol=0.0, caps=None, grad=None):
+    library = _native.library()
+    out = library.sinkhorn_forward(flat, sizes, counts, n_iter, tau, tol, caps)
+    grad_logits = None
+    if grad is not None:
+        grad_logits = library.sinkhorn_backward(grad, flat, sizes, counts, *out[1:], tau)
+    return (*out, grad_logits)
+
+
+# Every family and width in one call: small groups of 2..32 lanes, block widths 2..32, stacks of one size
+# split apart, an empty stack, and a spread-out matrix that takes the log domain.
+SIZES = [3, 40, 17, 3, 0, 70, 130, 300, 600, 1, 1024]
+COUNTS = [5, 3, 4, 2, 0, 2, 2, 1, 1, 3, 1]
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_ragged_call_matches_the_native_cpu_kernels(tol):
+    sizes = [max(n, 1) for n in SIZES]
+    flat = ragged(sizes, COUNTS, "cpu", seed=1)
+    flat[: 3 * 3] *= 80.0  # the first matrix: too spread out for the scaling domain
+    grad = make_logits(flat.numel(), seed=2)
+    want = native(flat, sizes, COUNTS, 12, 0.8, tol, grad=grad)
+    got = native(flat.cuda(), sizes, COUNTS, 12, 0.8, tol, grad=grad.cuda())
+    got = [t.cpu() for t in got]
+    assert got[2].tolist() == want[2].tolist() and want[2][0] == 1
+    assert torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[4], want[4], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_types_are_computed_in_float32(dtype):
+    sizes, counts = [7, 100], [3, 2]
+    flat = ragged(sizes, counts, "cpu", seed=3).to(dtype)
+    got = native(flat.cuda(), sizes, counts, 10, 1.0)
+    want = native(flat.float(), sizes, counts, 10, 1.0)
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0].cpu().float(), want[0], rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_caps_are_honoured_and_clamped():
+    sizes, counts = [5, 50], [2, 2]
+    flat = ragged(sizes, counts, "cuda")
+    caps = torch.tensor([3, 0, 99, 4], dtype=torch.int32, device="cuda")
+    iterations = native(flat, sizes, counts, 8, 1.0, caps=caps)[3]
+    assert iterations.tolist() == [3, 1, 8, 4]
+
+
+def test_runs_on_the_current_stream_without_host_synchronisation():
+    """Queued behind a long kernel on a side stream, the call returns before that kernel ends (a host sync
+    would wait for it), and its results are those of the default stream."""
+    sizes, counts = [25, 196], [8, 2]
+    flat = ragged(sizes, counts, "cuda", seed=4)
+    grad = make_logits(flat.numel(), seed=5).cuda()
+    want = native(flat, sizes, counts, 20, 1.0, grad=grad)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+        got = native(flat, sizes, counts, 20, 1.0, grad=grad)
+        queued = not stream.query()
+    stream.synchronize()
+    assert queued, "the call synchronised with the device"
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_results_are_deterministic():
+    sizes, counts = [16, 64, 256, 784], [64, 8, 2, 1]
+    flat = ragged(sizes, counts, "cuda", seed=6)
+    grad = make_logits(flat.numel(), seed=7).cuda()
+    first = native(flat, sizes, counts, 20, 1.0, grad=grad)
+    second = native(flat, sizes, counts, 20, 1.0, grad=grad)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [9, 100])
+def test_cuda_graph_capture_and_replay(n):
+    logits = make_logits(16, n, n, seed=n).cuda().requires_grad_()
+    grad = make_logits(16, n, n, seed=1).cuda()
+
+    def step():
+        p = symkernels.sinkhorn(logits, 20, 1.0, backend="cuda", check_finite=False)
+        (g,) = torch.autograd.grad(p, logits, grad)
+        return p, g
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the graph (allocator, caches)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        logits.copy_(make_logits(16, n, n, seed=n + 1))
+    graph.replay()
+    torch.cuda.synchronize()
+    again = step()
+    assert not torch.equal(again[0], want[0])
+    assert torch.equal(captured[0], again[0]) and torch.equal(captured[1], again[1])
+
+
+def test_torch_compile_fullgraph():
+    logits = make_logits(4, 36, 36, seed=8).cuda().requires_grad_()
+
+    def f(x):
+        return symkernels.sinkhorn(x, 20, 0.7, backend="cuda", check_finite=False).square().sum()
+
+    eager = torch.autograd.grad(f(logits), logits)[0]
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(logits), logits)[0]
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    sizes, counts = [4, 40], [2, 1]
+    flat = ragged(sizes, counts, "cuda").requires_grad_()
+    torch.library.opcheck(
+        torch.ops.symkernels.sinkhorn.default, (flat, sizes, counts, 5, 1.0, 0.0, None, "cuda")
+    )
+
+
+def test_sizes_past_the_limit():
+    """n > 1024: an explicit cuda choice raises with the reason; the automatic choice passes it over."""
+    logits = make_logits(1, 1025, 1025).cuda()
+    with pytest.raises(RuntimeError, match="up to n = 1024"):
+        symkernels.sinkhorn(logits, 1, backend="cuda")
+    assert backends.resolve(None, logits.device, logits.dtype, "sinkhorn", 1025) != "cuda"
+    assert backends.resolve(None, logits.device, logits.dtype, "sinkhorn", 1024) == "cuda"
+
+
+@pytest.mark.parametrize("launch", ["small", "block", "cluster", "log"])
+def test_sanitizer_workload(launch):
+    """A short forward and backward per kernel path, for compute-sanitizer (memcheck, racecheck): small
+    groups, one CTA per matrix, clusters and rows past shared memory (few large matrices), the log domain."""
+    sizes, counts, scale = {
+        "small": ([3, 9, 25], [7, 3, 2], 1.0),
+        "block": ([36, 100, 196], [40, 40, 40], 1.0),
+        "cluster": ([392, 784], [1, 1], 1.0),
+        "log": ([6, 64], [3, 2], 80.0),
+    }[launch]
+    flat = ragged(sizes, counts, "cuda", seed=9, scale=scale)
+    grad = make_logits(flat.numel(), seed=10).cuda()
+    out = native(flat, sizes, counts, 3, 1.0, tol=1e-3, grad=grad)
+    torch.cuda.synchronize()
+    assert bool(out[0].isfinite().all()) and bool(out[4].isfinite().all())
+    if launch == "log":
+        assert bool((out[2] == 1).all())
