@@ -19,14 +19,13 @@
 // its own copies, so no out-of-line function compiled for one ISA is ever shared with code for another.
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "sinkhorn/common.h"
 #include "sinkhorn/cpu_vector.h"
 #include "sinkhorn/sinkhorn.h"
@@ -218,7 +217,7 @@ constexpr int64_t kMinTaskWork = int64_t{1} << 17;
 
 // Runs range(begin, end) over all M matrices, cut into tasks of consecutive matrices of at least kMinTaskWork
 // multiply-adds each (estimated as n_m^2 times the iterations: per_matrix[m], or n_iter when per_matrix is null),
-// the tasks spread over the threads.
+// the tasks handed out one at a time to the calling thread and the pool's workers.
 template <typename Range>
 void run_tasks(int64_t num_matrices, const int64_t* size, const int32_t* per_matrix, int64_t n_iter,
                const Range& range) {
@@ -235,8 +234,7 @@ void run_tasks(int64_t num_matrices, const int64_t* size, const int32_t* per_mat
   if (bounds.back() != num_matrices) {
     bounds.push_back(num_matrices);
   }
-  const auto num_tasks = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) { range(bounds[begin], bounds[end]); });
+  parallel_tasks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t t) { range(bounds[t], bounds[t + 1]); });
 }
 
 }  // namespace
