@@ -134,7 +134,7 @@ gpu_stage tests-cuda 150 "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider --
   tests/test_cuda_kernels.py "tests/test_sinkhorn.py::test_gpu_parity_matrix" --junitxml="$WORK/pytest-cuda.xml"
 # The sm_90 compile check is the no-GPU stand-in for what this machine does for real.
 gpu_stage tests 150 "$PY" -m pytest -m "cuda or triton" -q -rfEs -p no:cacheprovider --maxfail=25 \
-  --deselect tests/test_triton_kernels.py::test_kernels_compile_for_hopper_without_spills \
+  --deselect tests/test_triton_compile.py::test_kernels_compile_for_hopper_without_spills \
   --deselect "tests/test_sinkhorn.py::test_gpu_parity_matrix" --ignore tests/test_cuda_kernels.py \
   --junitxml="$WORK/pytest-gpu.xml"
 

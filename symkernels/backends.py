@@ -33,9 +33,9 @@ BACKEND_ENV_VAR = "SYMKERNELS_BACKEND"
 BACKENDS = ("cuda", "triton", "cpu", "reference")  # the automatic choice's order
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The ops the native library has CUDA kernels for, and the largest matrix they take (kMaxBlockN in
+# The ops the native library has CUDA kernels for, and the largest Sinkhorn matrix they take (kMaxBlockN in
 # csrc/sinkhorn/sinkhorn_cuda.h); the automatic choice passes over the cuda backend for the others.
-CUDA_OPS = ("sinkhorn", "sinkhorn_backward")
+CUDA_OPS = ("sinkhorn", "sinkhorn_backward", "expand_kernel", "expand_kernel_backward")
 CUDA_MAX_SIZE = 1024
 
 

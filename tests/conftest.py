@@ -48,3 +48,12 @@ def gpu() -> torch.device:
     if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: the Triton kernels run interpreted on CPU tensors here")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where the Triton kernels run here (``test_sinkhorn_triton.py``, ``test_expansion_triton.py``): CPU
+    tensors under the interpreter, else the GPU (or a skip)."""
+    from tests.testing import implementation_for
+
+    return implementation_for("triton").device

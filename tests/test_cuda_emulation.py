@@ -1,12 +1,14 @@
-"""The CUDA Sinkhorn kernels' logic, run on the CPU.
+"""The CUDA Sinkhorn and kernel-expansion kernels' logic, run on the CPU.
 
 tests/cuda_emulation compiles the kernel templates of csrc/sinkhorn/sinkhorn_cuda_*.cuh as host code, each
 CUDA thread a fiber (cuda_emulation.h), with the launches the CUDA entry points make; the cluster size and the
 rows of K kept in shared memory are chosen here, to reach every storage path (registers, shared memory, the
 global copy) and the exchange between the CTAs of a cluster. The kernels must match the reference (P,
 iterations, gradient) on the GPU parity sizes, write every output element (fresh outputs are NaN), and agree
-with the native CPU kernels on the saved state. What this cannot find: data races, and anything about speed
-(the GPU tests in test_cuda_kernels.py and compute-sanitizer in scripts/gpu_check.sh do that).
+with the native CPU kernels on the saved state. The expansion kernels (csrc/expansion/expansion_cuda.cuh) must
+match the reference on the parity shapes of test_expansion.py, in every dtype, with their tiles cut at every
+edge and their grad_reps reduction split into runs. What this cannot find: data races, and anything about
+speed (the GPU tests in test_cuda_kernels.py and compute-sanitizer in scripts/gpu_check.sh do that).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 from symkernels import _native
-from symkernels.reference import sinkhorn_reference
+from symkernels.functional import prepend_identity
+from symkernels.reference import expand_kernel_reference, sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference, make_logits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +50,11 @@ def emulated():
     build.mkdir(parents=True, exist_ok=True)
     return load(
         name=f"symkernels_cuda_emulation_{key}",
-        sources=[str(EMULATION / "binding.cpp"), str(EMULATION / "sinkhorn_emulated.cpp")],
+        sources=[
+            str(EMULATION / "binding.cpp"),
+            str(EMULATION / "sinkhorn_emulated.cpp"),
+            str(EMULATION / "expansion_emulated.cpp"),
+        ],
         extra_include_paths=[str(CSRC), str(EMULATION)],
         # Unoptimised: the harness tells collectives apart by their call site, and an optimiser that
         # duplicates code paths (tail duplication, loop unswitching) gives one collective several sites.
@@ -168,3 +175,79 @@ def test_emulated_kernels_clamp_out_of_range_caps(emulated):
     caps = torch.tensor([0, 99, -5], dtype=torch.int32)
     iterations = run(emulated, flat, [4], [3], 7, 1.0, 0.0, caps)[3]
     assert iterations.tolist() == [1, 7, 1]
+
+
+# Kernel expansion: (G', G_in, k, C_out, C_in), test_expansion.py's shapes and paper shapes, plus tiles cut at
+# every edge: more (o, i) rows than one tile (72, 130) and d past one tile (d = 100: 64 + 36 columns).
+EXPANSION_SHAPES = [(1, 1, 1, 1, 1), (4, 1, 3, 2, 1), (4, 4, 1, 3, 2), (1, 4, 3, 1, 3), (4, 1, 5, 3, 2),
+                    (2, 1, 7, 1, 1), (4, 4, 3, 2, 2), (3, 1, 5, 8, 1), (3, 4, 5, 6, 5), (2, 1, 3, 9, 8),
+                    (1, 2, 3, 13, 10), (0, 1, 3, 2, 3)]  # fmt: skip
+
+
+def expansion_inputs(learned, in_groups, k, out_channels, in_channels, seed=0):
+    d = in_groups * k * k
+    reps = sinkhorn_reference(make_logits(max(learned, 1), d, d, dtype=torch.float64, scale=2.0, seed=seed))
+    weight = make_logits(out_channels, in_channels, d, dtype=torch.float64, seed=seed + 1)
+    return reps[:learned], weight
+
+
+def check_expansion(emulated, reps64, weight64, k, dtype, leading_identity, split_rows=0):
+    """The emulated kernel and both gradients, as accurate (vs float64) as the same-dtype reference."""
+    reps64, weight64 = reps64.clone().requires_grad_(), weight64.clone().requires_grad_()
+    stack = prepend_identity if leading_identity else (lambda r: r)
+    truth = expand_kernel_reference(stack(reps64), weight64, k)
+    grad = make_logits(*truth.shape, dtype=torch.float64, seed=11).to(dtype)
+    truth_grads = torch.autograd.grad(truth, (reps64, weight64), grad.to(torch.float64))
+    low = [t.detach().to(dtype).requires_grad_() for t in (reps64, weight64)]
+    expected = expand_kernel_reference(stack(low[0]), low[1], k)
+    expected_grads = torch.autograd.grad(expected, low, grad)
+
+    out_channels, in_channels, d = weight64.shape
+    grouped = grad.reshape(out_channels, -1, in_channels, d).contiguous()
+    kernel = emulated.expand_forward(low[0].detach(), low[1].detach(), leading_identity)
+    grads = emulated.expand_backward(grouped, low[0].detach(), low[1].detach(), leading_identity, split_rows)
+    assert kernel.dtype == dtype and not kernel.isnan().any(), "a kernel element was not written"
+    assert_as_accurate_as_reference(kernel.reshape(truth.shape), expected.detach(), truth.detach())
+    for got, want, exact in zip(grads, expected_grads, truth_grads, strict=True):
+        assert got.dtype == dtype and not got.isnan().any(), "a gradient element was not written"
+        assert_as_accurate_as_reference(got, want, exact)
+
+
+@pytest.mark.parametrize("shape", EXPANSION_SHAPES, ids=lambda s: "G{}-Gin{}-k{}-O{}-I{}".format(*s))
+def test_emulated_expansion_matches_reference(emulated, shape):
+    reps, weight = expansion_inputs(*shape)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for leading_identity in (False, True):
+            if shape[0] == 0 and not leading_identity:
+                continue  # an empty stack: no kernel
+            check_expansion(emulated, reps, weight, shape[2], dtype, leading_identity)
+
+
+@pytest.mark.parametrize("split_rows", [16, 32, 48])
+def test_emulated_expansion_sums_split_reductions_in_order(emulated, split_rows):
+    """The grad_reps reduction over (o, i) cut into runs (the last one short) summed by the second kernel: the
+    same gradient, and the same bits on every call."""
+    reps, weight = expansion_inputs(2, 1, 3, 7, 11, seed=4)
+    check_expansion(emulated, reps, weight, 3, torch.float32, True, split_rows=split_rows)
+    grad = make_logits(7, 3, 11, 9, seed=5)
+    args = (grad, reps.float(), weight.float(), True, split_rows)
+    first = emulated.expand_backward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, emulated.expand_backward(*args), strict=True))
+    whole = emulated.expand_backward(grad, reps.float(), weight.float(), True, 0)
+    torch.testing.assert_close(first[0], whole[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(first[1], whole[1])  # grad_weight does not depend on the split
+
+
+def test_emulated_expansion_matches_the_native_cpu_kernels(emulated):
+    if not _native.native_status().loaded:
+        pytest.fail(f"the native CPU kernels are unavailable: {_native.native_status().reason}")
+    reps, weight = (t.float() for t in expansion_inputs(3, 4, 3, 5, 4, seed=6))
+    grad = make_logits(5 * 4, 4 * 4, 3, 3, seed=7)
+    library = _native.library()
+    want = library.expand_forward(reps, weight, 3, True)
+    want_grads = library.expand_backward(grad, reps, weight, 3, True)
+    got = emulated.expand_forward(reps, weight, True)
+    got_grads = emulated.expand_backward(grad.reshape(5, 4, 4, 36), reps, weight, True, 0)
+    torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

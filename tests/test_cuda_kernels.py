@@ -1,10 +1,12 @@
-"""The native CUDA Sinkhorn kernels on a GPU (every test here needs one: marked ``cuda``, skipped without).
+"""The native CUDA Sinkhorn and kernel-expansion kernels on a GPU (every test here needs one: marked
+``cuda``, skipped without).
 
-The parity matrix (every GPU size, T, dtype, the tolerance exit, NaN-poisoned outputs) is
-test_sinkhorn.py::test_gpu_parity_matrix with the ``cuda`` implementation; this module adds what is specific
-to the native kernels: ragged calls that mix every kernel family against the native CPU kernels, the launch
-contract (current stream, no host synchronisation, CUDA-graph capture, torch.compile), determinism, the size
-limit, and the workload that scripts/gpu_check.sh runs under compute-sanitizer (``-k sanitizer``).
+The parity matrices (every GPU size, T, dtype, the tolerance exit, NaN-poisoned outputs) are
+test_sinkhorn.py::test_gpu_parity_matrix and test_expansion.py with the ``cuda`` implementation; this
+module adds what is specific to the native kernels: ragged calls that mix every kernel family, and
+expansions cut into many tiles and reduction runs, against the native CPU kernels, the launch contract
+(current stream, no host synchronisation, CUDA-graph capture, torch.compile), determinism, the size limit,
+and the workload that scripts/gpu_check.sh runs under compute-sanitizer (``-k sanitizer``).
 """
 
 from __future__ import annotations
@@ -185,3 +187,125 @@ def test_sanitizer_workload(launch):
     assert bool(out[0].isfinite().all()) and bool(out[4].isfinite().all())
     if launch == "log":
         assert bool((out[2] == 1).all())
+
+
+# Kernel expansion. (G', G_in, k, O, I): many row and column tiles (d = 196: 64 + 64 + 64 + 4 columns) and a
+# grad_reps reduction over O * I = 4096 rows cut into runs summed by a second kernel; a lifting layer (I = 1);
+# only the identity (G' = 0).
+EXPANSION_SHAPES = [(3, 4, 7, 64, 64), (3, 1, 5, 48, 1), (0, 1, 3, 5, 6)]
+
+
+def expansion_inputs(learned, in_groups, k, out_channels, in_channels, seed=0):
+    d = in_groups * k * k
+    reps = torch.softmax(make_logits(learned, d, d, seed=seed, scale=2.0), dim=-1)
+    weight = make_logits(out_channels, in_channels, d, seed=seed + 1)
+    groups = learned + 1
+    grad = make_logits(out_channels * groups, in_channels * in_groups, k, k, seed=seed + 2)
+    return reps, weight, grad
+
+
+def expand_native(reps, weight, grad, k):
+    library = _native.library()
+    return (
+        library.expand_forward(reps, weight, k, True),
+        *library.expand_backward(grad, reps, weight, k, True),
+    )
+
+
+@pytest.mark.parametrize("shape", EXPANSION_SHAPES, ids=["gconv-split", "lift", "identity"])
+def test_expansion_matches_the_native_cpu_kernels(shape):
+    reps, weight, grad = expansion_inputs(*shape)
+    want = expand_native(reps, weight, grad, shape[2])
+    got = expand_native(reps.cuda(), weight.cuda(), grad.cuda(), shape[2])
+    strided = expand_native(
+        reps.cuda(), weight.cuda(), grad.cuda().contiguous(memory_format=torch.channels_last), shape[2]
+    )
+    for a, b, c in zip(got, want, strided, strict=True):
+        # Sums of up to 4096 terms in another order: float32 rounding relative to the result's scale.
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5 * scale)
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_expansion_half_types_are_computed_in_float32(dtype):
+    reps, weight, grad = (t.to(dtype) for t in expansion_inputs(3, 4, 3, 20, 24, seed=3))
+    got = expand_native(reps.cuda(), weight.cuda(), grad.cuda(), 3)
+    want = expand_native(reps.float(), weight.float(), grad.float(), 3)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.cpu().float(), b, rtol=0, atol=2 * torch.finfo(dtype).eps * scale)
+
+
+def test_expansion_runs_on_the_current_stream_without_host_synchronisation():
+    reps, weight, grad = (t.cuda() for t in expansion_inputs(3, 4, 5, 32, 32, seed=4))
+    want = expand_native(reps, weight, grad, 5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+        got = expand_native(reps, weight, grad, 5)
+        queued = not stream.query()
+    stream.synchronize()
+    assert queued, "the call synchronised with the device"
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_expansion_backward_is_deterministic():
+    reps, weight, grad = (t.cuda() for t in expansion_inputs(3, 4, 7, 64, 64, seed=6))
+    first = expand_native(reps, weight, grad, 7)
+    for _ in range(2):
+        again = expand_native(reps, weight, grad, 7)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_expansion_cuda_graph_capture_and_replay():
+    reps, weight, grad = (t.cuda() for t in expansion_inputs(3, 4, 5, 32, 16, seed=7))
+    reps.requires_grad_()
+    weight.requires_grad_()
+
+    def step():
+        kernel = symkernels.expand_kernel(reps, weight, 5, leading_identity=True, backend="cuda")
+        return (kernel, *torch.autograd.grad(kernel, (reps, weight), grad))
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the graph (allocator, caches)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        weight.copy_(make_logits(*weight.shape, seed=8))
+    graph.replay()
+    torch.cuda.synchronize()
+    again = step()
+    assert not torch.equal(again[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(captured, again, strict=True))
+
+
+def test_expansion_torch_compile_fullgraph():
+    reps, weight, _ = (t.cuda() for t in expansion_inputs(3, 1, 5, 8, 1, seed=9))
+    weight.requires_grad_()
+
+    def f(w):
+        return symkernels.expand_kernel(reps, w, 5, leading_identity=True, backend="cuda").square().sum()
+
+    eager = torch.autograd.grad(f(weight), weight)[0]
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(weight), weight)[0]
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", EXPANSION_SHAPES, ids=["gconv-split", "lift", "identity"])
+def test_expansion_sanitizer_workload(shape):
+    """A forward and backward per launch shape of the expansion kernels, for compute-sanitizer: tiles cut at
+    every edge, the split grad_reps reduction and its sum, the identity alone."""
+    reps, weight, grad = (t.cuda() for t in expansion_inputs(*shape, seed=10))
+    out = expand_native(reps, weight, grad, shape[2])
+    torch.cuda.synchronize()
+    assert all(bool(t.isfinite().all()) for t in out)

@@ -120,6 +120,7 @@ def test_every_cuda_source_is_compiled(compiled):
     archs, compiled = compiled
     assert sorted(compiled) == [s.relative_to(ROOT).as_posix() for s in _cuda_sources()]
     assert any("sinkhorn_cuda" in name for name in compiled), "the Sinkhorn CUDA kernels are missing"
+    assert any("expansion_cuda" in name for name in compiled), "the kernel-expansion CUDA kernels are missing"
 
 
 @pytest.mark.parametrize("source", [s.relative_to(ROOT).as_posix() for s in _cuda_sources()])

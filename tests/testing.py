@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 import symkernels
-from symkernels import backends
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -82,10 +80,6 @@ def implementation_for(name: str) -> Implementation:
 
         device = torch.device("cpu" if INTERPRETED else "cuda")
         return Implementation("triton", device, (torch.float32, torch.float16), interpreted=INTERPRETED)
-    if "expansion" in os.environ.get("PYTEST_CURRENT_TEST", "") and "expand_kernel" not in backends.CUDA_OPS:
-        # The kernel-expansion tests (test_expansion.py, test_properties.py::test_expansion_*), named by
-        # pytest in PYTEST_CURRENT_TEST: the cuda backend serves only the ops in CUDA_OPS.
-        pytest.skip("the native library has no CUDA kernel for expand_kernel (the triton backend serves it)")
     return Implementation("cuda", torch.device("cuda"), (torch.float32, torch.bfloat16, torch.float16))
 
 

@@ -10,11 +10,34 @@
 namespace symkernels {
 namespace {
 
+#ifdef SYMKERNELS_WITH_CUDA
+constexpr bool kCudaKernels = true;
+#else
+constexpr bool kCudaKernels = false;
+#endif
+
 void check_device(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(!t.is_cuda(), op, ": ", name, " is on ", t.device(),
-              ", but symkernels has no CUDA kernel for this op yet; pass CPU tensors");
-  TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  if (kCudaKernels) {
+    TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU tensor or a CUDA tensor, got ",
+                t.device());
+  } else {
+    TORCH_CHECK(!t.is_cuda(), op, ": ", name, " is on ", t.device(),
+                ", but this build of symkernels has no CUDA kernels; pass CPU tensors");
+    TORCH_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  }
+}
+
+// CUDA tensors are computed in float32 from any of the types they are stored in; the CPU kernels take float32 and
+// float64 (the Python layer widens float16 and bfloat16 there).
+void check_dtype(const char* op, const char* name, const at::Tensor& t) {
+  if (t.is_cuda()) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+                op, ": CUDA ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+                " must be float32 or float64, got ", t.scalar_type());
+  }
 }
 
 // The shape of an expansion, from checked inputs.
@@ -37,8 +60,7 @@ ExpansionShape check_inputs(const char* op, const at::Tensor& reps, const at::Te
   TORCH_CHECK(weight.dim() == 3, op, ": weight must have shape [O, I, d], got ", weight.sizes());
   TORCH_CHECK(weight.size(2) == reps.size(2), op, ": weight [O, I, d] and reps [G', d, d] disagree on d: ",
               weight.sizes(), " vs ", reps.sizes());
-  TORCH_CHECK(reps.scalar_type() == at::kFloat || reps.scalar_type() == at::kDouble, op,
-              ": reps must be float32 or float64, got ", reps.scalar_type());
+  check_dtype(op, "reps", reps);
   TORCH_CHECK(weight.scalar_type() == reps.scalar_type(), op, ": weight must have the dtype of reps (",
               reps.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == reps.device(), op, ": weight must be on reps' device ", reps.device(), ", got ",
@@ -60,7 +82,14 @@ at::Tensor expand_forward(const at::Tensor& reps_in, const at::Tensor& weight_in
                           bool leading_identity) {
   const ExpansionShape s = check_inputs("expand_forward", reps_in, weight_in, kernel_size, leading_identity);
   at::Tensor kernel = at::empty({s.out * s.groups, s.in * s.in_group, s.k, s.k}, weight_in.options());
-  if (kernel.numel() > 0) {
+  if (kernel.numel() == 0) {
+    // Nothing to write.
+  } else if (kernel.is_cuda()) {
+#ifdef SYMKERNELS_WITH_CUDA
+    expansion_detail::expand_forward_cuda(reps_in.contiguous(), weight_in.contiguous(), leading_identity,
+                                          kernel.view({s.out, s.groups, s.in, s.d}));
+#endif
+  } else {
     expansion_detail::expand_forward_cpu(reps_in.contiguous(), weight_in.contiguous(), leading_identity,
                                          kernel.view({s.out, s.groups, s.in, s.d}));
   }
@@ -90,9 +119,16 @@ std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad_in, co
   }
   at::Tensor grad_reps = at::empty({s.learned, s.d, s.d}, options);
   at::Tensor grad_weight = at::empty({s.out, s.in, s.d}, options);
-  expansion_detail::expand_backward_cpu(grad_in.contiguous().view({s.out, s.groups, s.in, s.d}),
-                                        reps_in.contiguous(), weight_in.contiguous(), leading_identity, grad_reps,
-                                        grad_weight);
+  const at::Tensor grad = grad_in.contiguous().view({s.out, s.groups, s.in, s.d});
+  if (grad.is_cuda()) {
+#ifdef SYMKERNELS_WITH_CUDA
+    expansion_detail::expand_backward_cuda(grad, reps_in.contiguous(), weight_in.contiguous(), leading_identity,
+                                           grad_reps, grad_weight);
+#endif
+  } else {
+    expansion_detail::expand_backward_cpu(grad, reps_in.contiguous(), weight_in.contiguous(), leading_identity,
+                                          grad_reps, grad_weight);
+  }
   return {grad_reps, grad_weight};
 }
 

@@ -33,5 +33,15 @@ void expand_forward_cpu(const at::Tensor& reps, const at::Tensor& weight, bool l
 void expand_backward_cpu(const at::Tensor& grad_kernel, const at::Tensor& reps, const at::Tensor& weight,
                          bool leading_identity, const at::Tensor& grad_reps, const at::Tensor& grad_weight);
 
+#ifdef SYMKERNELS_WITH_CUDA
+// CUDA tensors (float16, bfloat16, float32, accumulated in float32), on the current stream, without synchronising
+// with the host (expansion_cuda.cpp).
+void expand_forward_cuda(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity,
+                         const at::Tensor& kernel);
+
+void expand_backward_cuda(const at::Tensor& grad_kernel, const at::Tensor& reps, const at::Tensor& weight,
+                          bool leading_identity, const at::Tensor& grad_reps, const at::Tensor& grad_weight);
+#endif
+
 }  // namespace expansion_detail
 }  // namespace symkernels

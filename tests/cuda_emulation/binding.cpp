@@ -1,13 +1,17 @@
-// Python bindings of the emulated CUDA Sinkhorn kernels, with the entry points' contract: CPU tensors stand in for
-// the CUDA ones (float32, float16, bfloat16), fresh outputs filled with NaN.
+// Python bindings of the emulated CUDA Sinkhorn and kernel-expansion kernels, with the entry points' contract: CPU
+// tensors stand in for the CUDA ones (float32, float16, bfloat16), fresh outputs filled with NaN.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "expansion_emulated.h"
 #include "sinkhorn_emulated.h"
 
+namespace ec = symkernels::expansion_cuda;
 namespace sc = symkernels::sinkhorn_cuda;
 
 namespace {
@@ -101,9 +105,72 @@ at::Tensor backward(const at::Tensor& grad_p, const at::Tensor& logits, const st
   return out;
 }
 
+// The expansion's arguments for reps [G', d, d] and weight [O, I, d] (contiguous, one dtype), and its plan; a
+// positive split_rows replaces the plan's runs of the grad_reps reduction, to reach the partial sums on small shapes.
+ec::ExpansionArgs expansion_args(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity,
+                                 int64_t split_rows, ec::ExpansionPlan& plan) {
+  TORCH_CHECK(reps.is_contiguous() && weight.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(reps.scalar_type() == weight.scalar_type(), "reps and weight of one dtype");
+  const int64_t learned = reps.size(0);
+  const int64_t groups = learned + (leading_identity ? 1 : 0);
+  const int64_t d = weight.size(2);
+  plan = ec::plan_expansion(weight.size(0), weight.size(1), groups, learned, d);
+  if (split_rows > 0) {
+    plan.split_rows = split_rows;
+    plan.splits = std::max<int64_t>(1, ec::ceil_div(weight.size(0) * weight.size(1), split_rows));
+    plan.reps_ctas = plan.splits * learned * plan.column_tiles * plan.column_tiles;
+  }
+  ec::ExpansionArgs a{};
+  a.reps = reps.const_data_ptr();
+  a.weight = weight.const_data_ptr();
+  a.type = element_type(weight);
+  a.out = static_cast<int32_t>(weight.size(0));
+  a.in = static_cast<int32_t>(weight.size(1));
+  a.groups = static_cast<int32_t>(groups);
+  a.learned = static_cast<int32_t>(learned);
+  a.identity = leading_identity ? 1 : 0;
+  a.d = static_cast<int32_t>(d);
+  a.split_rows = static_cast<int32_t>(plan.split_rows);
+  a.splits = static_cast<int32_t>(plan.splits);
+  return a;
+}
+
+// kernel [O, G, I, d].
+at::Tensor expand_forward(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity) {
+  ec::ExpansionPlan plan{};
+  ec::ExpansionArgs a = expansion_args(reps, weight, leading_identity, 0, plan);
+  at::Tensor kernel = at::full({a.out, a.groups, a.in, a.d}, std::numeric_limits<double>::quiet_NaN(),
+                               weight.options());
+  a.kernel = kernel.mutable_data_ptr();
+  if (kernel.numel() > 0) ec::emulated_expand_forward(a, plan);
+  return kernel;
+}
+
+// (grad_reps, grad_weight) from grad [O, G, I, d].
+std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad, const at::Tensor& reps,
+                                                   const at::Tensor& weight, bool leading_identity,
+                                                   int64_t split_rows) {
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == weight.scalar_type(), "contiguous grad of weight's dtype");
+  ec::ExpansionPlan plan{};
+  ec::ExpansionArgs a = expansion_args(reps, weight, leading_identity, split_rows, plan);
+  auto nan = std::numeric_limits<double>::quiet_NaN();
+  at::Tensor grad_reps = at::full_like(reps, nan);
+  at::Tensor grad_weight = at::full_like(weight, nan);
+  at::Tensor partials = at::full({std::max<int64_t>(1, plan.splits * reps.numel())}, nan,
+                                 weight.options().dtype(at::kFloat));
+  a.grad = grad.const_data_ptr();
+  a.grad_reps = grad_reps.mutable_data_ptr();
+  a.grad_weight = grad_weight.mutable_data_ptr();
+  a.partials = a.splits > 1 ? partials.mutable_data_ptr<float>() : nullptr;
+  if (weight.numel() > 0 && a.groups > 0) ec::emulated_expand_backward(a, plan);
+  return {grad_reps, grad_weight};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sinkhorn_forward", &forward);
   m.def("sinkhorn_backward", &backward);
+  m.def("expand_forward", &expand_forward);
+  m.def("expand_backward", &expand_backward);
 }
