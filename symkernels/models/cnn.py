@@ -8,20 +8,7 @@ from torch import nn
 
 from symkernels.groups import rotation_permutations, shift_twist
 from symkernels.models.accounting import sum_regularizers
-from symkernels.nn import FixedStack, WSConv2d, WSLiftConv2d, precompute_representations
-
-# Axis orders that put channels (and the group axis) last in memory: [B, H, W, C, G] and [B, H, W, C].
-_CHANNELS_LAST = {5: ((0, 3, 4, 1, 2), (0, 3, 4, 1, 2)), 4: ((0, 2, 3, 1), (0, 3, 1, 2))}
-
-
-def _layer_norm_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """The per-sample, non-affine layer norm over every axis but the batch (as ``sample_layer_norm``), with
-    the output laid out channels-last in memory: flattened to ``[B, C·G, H, W]`` it is a channels-last
-    tensor, the layout oneDNN's CPU convolutions read and write without reordering. The normalised axes are
-    all but the batch, so normalising them in another order gives the same values."""
-    order, inverse = _CHANNELS_LAST[x.dim()]
-    permuted = x.permute(order)
-    return F.layer_norm(permuted, permuted.shape[1:]).permute(inverse)
+from symkernels.nn import FixedStack, WSConv2d, WSLiftConv2d, precompute_representations, sample_layer_norm
 
 
 class WSCNN(nn.Module):
@@ -54,9 +41,9 @@ class WSCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every layer's stack from one grouped Sinkhorn (reused as is inside an enclosing context).
         with precompute_representations(self):
-            x = F.relu(_layer_norm_channels_last(self.lift(x)))
+            x = F.relu(sample_layer_norm(self.lift(x)))
             for conv in self.convs:
-                x = F.relu(_layer_norm_channels_last(conv(x)))
+                x = F.relu(sample_layer_norm(conv(x)))
         return self.head(x.mean(dim=(2, 3, 4)))
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +101,9 @@ class CNN(nn.Module):
         self.head = nn.Linear(hidden_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(_layer_norm_channels_last(self.lift(x)))
+        x = F.relu(sample_layer_norm(self.lift(x)))
         for conv in self.convs:
-            x = F.relu(_layer_norm_channels_last(conv(x)))
+            x = F.relu(sample_layer_norm(conv(x)))
         return self.head(x.mean(dim=(2, 3)))
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:
