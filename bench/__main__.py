@@ -114,14 +114,7 @@ def main(argv: Sequence[str] | None = None, ops: Sequence[str] | None = None) ->
         if not torch.cuda.is_available():
             print("no CUDA device is visible; use --device cpu (or bench/gpu.py --dry-run)", file=sys.stderr)
             return 2
-    base = harness.QUICK if args.quick else harness.FULL
-    settings = harness.Settings(
-        rounds=args.rounds or base.rounds,
-        sample_s=base.sample_s,
-        max_calls=base.max_calls,
-        warmup=base.warmup,
-        budget_s=args.budget_s,
-    )
+    settings = harness.settings_for(args.quick, args.rounds, args.budget_s)
     out = args.out
     if out is None:
         out = (

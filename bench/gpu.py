@@ -141,14 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
             print("bench/gpu.py: no CUDA device visible; use --dry-run or --device cpu", file=sys.stderr)
             return 2
-        base = harness.QUICK if args.quick else harness.FULL
-        settings = harness.Settings(
-            rounds=args.rounds or base.rounds,
-            sample_s=base.sample_s,
-            max_calls=base.max_calls,
-            warmup=base.warmup,
-            budget_s=args.budget_s,
-        )
+        settings = harness.settings_for(args.quick, args.rounds, args.budget_s)
         command = "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
         threads = [1] if torch.device(args.device).type == "cpu" else [torch.get_num_threads()]
         harness.run(

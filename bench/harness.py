@@ -31,7 +31,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,12 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(rounds=3, sample_s=0.004, max_calls=200, warmup=1)
+
+
+def settings_for(quick: bool, rounds: int | None = None, budget_s: float | None = None) -> Settings:
+    """The quick or the full settings, with a command line's rounds (if given) and budget."""
+    base = QUICK if quick else FULL
+    return replace(base, rounds=rounds or base.rounds, budget_s=budget_s)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,13 +30,16 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":  # `python bench/recovery.py` puts bench/, not the repository root, on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.environment import ROOT, commit, cpu_name
+
 PLOT_EVERY_EPOCHS = 20
 # Steps at which the side-by-side table compares this run with the authors' (theirs at 23k, 47k, 70k, 94k).
 TABLE_STEPS = (
@@ -60,34 +63,11 @@ class TimeBudgetReachedError(Exception):
     """``--max-minutes`` ran out after a complete (checkpointed) epoch."""
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device: str, threads: int) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "logical_cores": os.cpu_count(),
         "threads": threads,
         "device": device,
@@ -222,7 +202,7 @@ class ResultsWriter:
         self.args, self.config, self.run_dir, self.machine = args, config, run_dir, machine
         self.out: Path = args.out
         self.started = time.monotonic()
-        self.commits = self._previous_commits() + [_commit()]
+        self.commits = self._previous_commits() + [commit()]
 
     def _previous_commits(self) -> list[str]:
         path = self.out / "trajectory.json"

@@ -25,7 +25,7 @@ pybind11::dict build_info() {
 #endif
 #ifdef SYMKERNELS_WITH_CUDA
   info["cuda"] = true;
-  // The CUDA kernels of the Sinkhorn ops (sinkhorn_cuda_*.cu) and of the kernel-expansion ops (expansion_cuda.cu).
+  // The CUDA kernels of the Sinkhorn ops (sinkhorn_cuda_*.cu) and of the kernel-expansion ops (expansion_cuda_launchers.cu).
   info["cuda_kernels"] = true;
   const std::string archs = symkernels::cuda_arch_list();
   pybind11::list arch_list;

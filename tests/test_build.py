@@ -105,6 +105,16 @@ def _repo_build_state() -> dict[str, object]:
     }
 
 
+def test_every_source_compiles_to_its_own_object() -> None:
+    """torch's build names each object after its source's folder and stem (``x.cpp`` and ``x.cu`` both give
+    ``x.o``): two such sources make the CUDA build fail in ninja with "multiple rules generate"."""
+    sources = sorted((REPO / "csrc").rglob("*.cpp")) + sorted((REPO / "csrc").rglob("*.cu"))
+    objects: dict[Path, Path] = {}
+    for source in sources:
+        other = objects.setdefault(source.with_suffix(""), source)
+        assert other == source, f"{other.relative_to(REPO)} and {source.relative_to(REPO)} make one object"
+
+
 def test_installed_build_has_cpu_part() -> None:
     if os.environ.get("SYMKERNELS_NATIVE") == "0":
         pytest.skip("installed with SYMKERNELS_NATIVE=0: no native library by request")

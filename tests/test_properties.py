@@ -18,9 +18,16 @@ from symkernels.functional import prepend_identity
 from symkernels.reference import expand_kernel_reference, sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference
 
-# The implementation fixture is the same for every example of a test.
+# The implementation fixture is the same for every example of a test; under Triton's interpreter most drawn
+# cases are too large to run and are filtered out.
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
-FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FIXTURE_OK = settings(
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+    ]
+)
 
 log_uniform = st.floats(min_value=-3.0, max_value=2.0).map(lambda e: 10.0**e)
 
@@ -88,7 +95,8 @@ def test_sinkhorn_on_random_inputs(implementation, logits, n_iter, tau, tol, sto
         torch.testing.assert_close(grad, truth_grad, rtol=0, atol=1e-12 * magnitude * scale)
     else:
         assert_as_accurate_as_reference(p, expected.detach(), truth.detach())
-        assert_as_accurate_as_reference(grad, expected_grad, truth_grad)
+        computed_from = float(grad_p.abs().max()) / tau
+        assert_as_accurate_as_reference(grad, expected_grad, truth_grad, computed_from=computed_from)
     if tol is not None:
         reference_iterations = sinkhorn_reference(
             truth_input.detach(), n_iter, tau, tol=tol, stop=stop, return_iterations=True

@@ -113,6 +113,27 @@ class PoisonedAllocations:
         return False
 
 
+def test_saturated_gradient_found_by_the_property_tests(implementation):
+    """A case the property tests found (tests/test_properties.py, long profile): one iteration at tau ≈ 2.4e-3
+    saturates P, and the true gradient of row 1 is ±1.6e-14, about 1e-17 of |grad_p| / tau. The native
+    kernel's float64 arithmetic rounds P[1, 0] (≈ 1) by one ulp, which moves those entries by a few ulps of
+    |grad_p| / tau; the float64 autograd truth gets P[1, 0] exactly 1 and one of them exactly 0. Bound: a few
+    dozen float64 ulps of |grad_p| / tau, and the row sums of the gradient (zero: every iteration starts by
+    normalising the rows, so shifting a row of logits changes nothing) to the same bound."""
+    tau = 10.0**-2.625
+    logits = torch.tensor([[[-0.0075, 0.5364], [-0.8230, -0.7359]]], dtype=torch.float32)
+    grad_p = torch.linspace(-1, 1, 4).reshape(1, 2, 2)
+    x = logits.to(implementation.device).requires_grad_()
+    p = symkernels.sinkhorn(x, 1, tau, backend=implementation.name)
+    (grad,) = torch.autograd.grad(p, x, grad_p.to(implementation.device))
+    exact = logits.double().requires_grad_()
+    (truth,) = torch.autograd.grad(sinkhorn_reference(exact, 1, tau), exact, grad_p.double())
+    bound = 32 * torch.finfo(torch.float64).eps / tau
+    assert float((grad.cpu().double() - truth).abs().max()) <= bound
+    assert float(grad.cpu().double().sum(-1).abs().max()) <= bound
+    assert float(truth.abs().max()) < 1e-13  # the case is still the saturated one
+
+
 @pytest.mark.parametrize("scale", [40.0, 1e3], ids=["spread-logits", "huge-logits"])
 def test_log_domain_matrices(implementation, scale):
     """Logits too spread out for the scaling domain go to the log domain, per matrix."""

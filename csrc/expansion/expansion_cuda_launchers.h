@@ -1,4 +1,4 @@
-// The launchers of the CUDA kernel-expansion kernels (expansion_cuda.cu), called by expansion_cuda.cpp. Each
+// The launchers of the CUDA kernel-expansion kernels (expansion_cuda_launchers.cu), called by expansion_cuda.cpp. Each
 // returns the error of its last launch (cudaSuccess when everything was queued on the stream).
 #pragma once
 

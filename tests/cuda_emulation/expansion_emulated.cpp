@@ -1,5 +1,5 @@
 // The CUDA kernel-expansion kernels compiled for the host and run under cuda_emulation.h, with the launches of
-// csrc/expansion/expansion_cuda.cu.
+// csrc/expansion/expansion_cuda_launchers.cu.
 #define SYMKERNELS_CUDA_EMULATION
 #include "cuda_emulation.h"
 // (The emulation first: it stands in for the CUDA headers.)

@@ -5,7 +5,7 @@
 
 namespace symkernels::expansion_cuda {
 
-// The launches of launch_expand_forward / launch_expand_backward (expansion_cuda.cu), run under the emulation.
+// The launches of launch_expand_forward / launch_expand_backward (expansion_cuda_launchers.cu), run under the emulation.
 void emulated_expand_forward(const ExpansionArgs& args, const ExpansionPlan& plan);
 void emulated_expand_backward(const ExpansionArgs& args, const ExpansionPlan& plan);
 
