@@ -95,8 +95,13 @@ def test_sinkhorn_on_random_inputs(implementation, logits, n_iter, tau, tol, sto
         torch.testing.assert_close(grad, truth_grad, rtol=0, atol=1e-12 * magnitude * scale)
     else:
         assert_as_accurate_as_reference(p, expected.detach(), truth.detach())
-        computed_from = float(grad_p.abs().max()) / tau
-        assert_as_accurate_as_reference(grad, expected_grad, truth_grad, computed_from=computed_from)
+        assert_as_accurate_as_reference(
+            grad,
+            expected_grad,
+            truth_grad,
+            computed_from=float(grad_p.abs().max()) / tau,
+            compute_dtype=implementation.compute_dtype(dtype),
+        )
     if tol is not None:
         reference_iterations = sinkhorn_reference(
             truth_input.detach(), n_iter, tau, tol=tol, stop=stop, return_iterations=True

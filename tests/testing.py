@@ -41,20 +41,26 @@ def non_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def assert_as_accurate_as_reference(
-    got: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, *, computed_from: float = 0.0
+    got: torch.Tensor,
+    reference: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    computed_from: float = 0.0,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> None:
     """The kernel's error against a float64 ground truth is at most ~2× the same-dtype reference's error
     (plus a floor of a few dozen ulps of the result's scale: summation order differs).
 
     ``computed_from``: the size of the quantities the result is a difference of (a Sinkhorn gradient:
-    |grad_p| / tau). Entries far below it (saturated logits) move by a few float64 ulps of it when one entry
-    of P near 1 is rounded by one ulp, and the float64 autograd truth is itself only that accurate there: the
-    floor includes that much."""
+    |grad_p| / tau), computed in ``compute_dtype``. An entry far below it (saturated logits, or a gradient
+    that nearly cancels) is resolved only to a few ulps of it in the kernel's compute precision (one ulp of
+    an entry of P moves it by that much; the reference's autograd can do better there by its structure, and
+    the float64 truth is itself only that accurate), so the floor includes that much."""
     truth = truth.to(torch.float64)
     scale = truth.abs().max().item() if truth.numel() else 0.0
     floor = max(
         32 * torch.finfo(got.dtype).eps * max(scale, 1e-30),
-        32 * torch.finfo(torch.float64).eps * computed_from,
+        32 * torch.finfo(compute_dtype).eps * computed_from,
     )
     got_error = (got.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
     reference_error = (reference.to(torch.float64) - truth).abs().max().item() if truth.numel() else 0.0
@@ -69,6 +75,13 @@ class Implementation:
     device: torch.device
     dtypes: tuple[torch.dtype, ...]
     interpreted: bool = False  # Triton in its CPU interpreter: tiny shapes only
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The precision the kernels compute ``dtype`` inputs in: float64 on the native CPU, else float32 at
+        least (README, Numerics)."""
+        if dtype == torch.float64 or self.name == "cpu":
+            return torch.float64
+        return torch.float32
 
 
 def implementation_for(name: str) -> Implementation:
