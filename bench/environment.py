@@ -111,3 +111,21 @@ def busy_processes(count: int) -> Iterator[None]:
         for process in spinners:
             process.kill()
             process.wait()
+
+
+def native_backends(device: str) -> list[str]:
+    """The symkernels backends that run on ``device``'s kind of tensors (usable here or not)."""
+    if torch.device(device).type == "cuda":
+        return ["cuda", "triton"]
+    return ["cpu"]
+
+
+def backend_reason(name: str, device: str, op: str) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on float32 tensors of ``device`` (None: it can)."""
+    import symkernels
+
+    try:
+        symkernels.backends.resolve(name, torch.device(device), torch.float32, op)
+    except (RuntimeError, ValueError) as error:
+        return str(error)
+    return None

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # `python bench/expansion.py` puts bench/, not the r
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symkernels
+from bench.environment import backend_reason, native_backends
 from bench.harness import Case, Closure
 from symkernels.functional import prepend_identity
 from symkernels.reference import expand_kernel_reference
@@ -36,18 +37,6 @@ SHAPES = {
 }
 QUICK_SHAPES = ("mnist-lift", "mnist-gconv")
 REFERENCE = "reference"
-
-
-def native_backends(device: str) -> list[str]:
-    return ["cuda", "triton"] if torch.device(device).type == "cuda" else ["cpu"]
-
-
-def backend_reason(name: str, device: str) -> str | None:
-    try:
-        symkernels.backends.resolve(name, torch.device(device), torch.float32, "expand_kernel")
-    except (RuntimeError, ValueError) as error:
-        return str(error)
-    return None
 
 
 def make_closure(provider: str, workload: str, mode: str, dtype: str, device: str) -> Callable[[], Closure]:
@@ -107,7 +96,9 @@ def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
                             device=device,
                             make=make_closure(provider, workload, mode, dtype, device),
                             requires=(
-                                lambda p=provider: None if p == REFERENCE else backend_reason(p, device)
+                                lambda p=provider: (
+                                    None if p == REFERENCE else backend_reason(p, device, "expand_kernel")
+                                )
                             ),
                             graph=True,
                             info={

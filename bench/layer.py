@@ -28,6 +28,7 @@ if __name__ == "__main__":  # `python bench/layer.py` puts bench/, not the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symkernels
+from bench.environment import backend_reason, native_backends
 from bench.harness import Case, Closure, package_version
 from symkernels.groups import rotation_permutations, shift_twist
 from symkernels.nn import FixedStack, WSConv2d, WSLiftConv2d
@@ -102,18 +103,6 @@ def layer_and_batch(workload: str) -> tuple[str, int]:
     return workload, LAYERS[workload][0]
 
 
-def native_backends(device: str) -> list[str]:
-    return ["cuda", "triton"] if torch.device(device).type == "cuda" else ["cpu"]
-
-
-def backend_reason(name: str, device: str) -> str | None:
-    try:
-        symkernels.backends.resolve(name, torch.device(device), torch.float32, "sinkhorn")
-    except (RuntimeError, ValueError) as error:
-        return str(error)
-    return None
-
-
 def build_layer(provider: str, layer: str) -> nn.Module:
     _, c_in, g_in, _, c_out, k, padding = LAYERS[layer]
     lifting = g_in == 1
@@ -175,7 +164,7 @@ def requirement(provider: str, device: str) -> Callable[[], str | None]:
         if provider == "escnn":
             return escnn_problem()
         if provider.startswith("ws-") and provider != "ws-reference":
-            return backend_reason(provider.removeprefix("ws-"), device)
+            return backend_reason(provider.removeprefix("ws-"), device, "sinkhorn")
         return None
 
     return requires

@@ -29,8 +29,8 @@ if __name__ == "__main__":  # `python bench/overhead.py` puts bench/, not the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symkernels
+from bench.environment import backend_reason, native_backends
 from bench.harness import Case, Closure
-from bench.sinkhorn import backend_reason, native_backends
 
 OP = "overhead"
 N_ITER, TAU = 20, 1.0
@@ -108,7 +108,9 @@ def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
                         device=device,
                         make=make_closure(provider, workload, mode, backend, device),
                         requires=(
-                            lambda p=provider: None if p == "aten-clone" else backend_reason(backend, device)
+                            lambda p=provider: (
+                                None if p == "aten-clone" else backend_reason(backend, device, "sinkhorn")
+                            )
                         ),
                         info={"backend": backend},
                     )

