@@ -7,8 +7,8 @@ The same forward (T = 20) called through each layer of the stack, outermost firs
 ``functional``            ``symkernels.sinkhorn(x, 20)`` with its defaults (argument checks, the finiteness
                           test, the backend choice, the op);
 ``functional-unchecked``  the same with ``check_finite=False``;
-``op``                    ``torch.ops.symkernels.sinkhorn`` on the flat buffer (the dispatcher, the op's
-                          Python implementation and the kernel's entry checks);
+``op``                    ``torch.ops.symkernels.sinkhorn`` on the stack (the dispatcher, the op's Python
+                          implementation and the kernel's entry checks);
 ``kernel``                the native library's ``sinkhorn_forward`` called directly (pybind11 and the kernel).
 ``aten-clone``            ``x.clone()``: the floor of any op call through the dispatcher.
 
@@ -46,7 +46,6 @@ def make_closure(provider: str, workload: str, mode: str, backend: str, device: 
         generator = torch.Generator().manual_seed(0)
         backward = mode == "fwd+bwd"
         x = (3.0 * torch.randn(shape, generator=generator)).to(device).requires_grad_(backward)
-        n, matrices = shape[-1], shape[0]
         if provider == "functional":
 
             def forward() -> torch.Tensor:
@@ -58,19 +57,16 @@ def make_closure(provider: str, workload: str, mode: str, backend: str, device: 
                 return symkernels.sinkhorn(x, N_ITER, TAU, backend=backend, check_finite=False)
 
         elif provider == "op":
-            flat = x.reshape(-1)
 
             def forward() -> torch.Tensor:
-                return torch.ops.symkernels.sinkhorn(flat, [n], [matrices], N_ITER, TAU, 0.0, None, backend)[
-                    0
-                ]
+                return torch.ops.symkernels.sinkhorn([x], N_ITER, TAU, 0.0, "matrix", None, backend)[0][0]
 
         elif provider == "kernel":
             library = symkernels._native.library()
-            flat = x.detach().reshape(-1)
+            stacks = [x.detach()]
 
             def forward() -> torch.Tensor:
-                return library.sinkhorn_forward(flat, [n], [matrices], N_ITER, TAU, 0.0, None)[0]
+                return library.sinkhorn_forward(stacks, N_ITER, TAU, 0.0, False, None)[0][0]
 
         elif provider == "aten-clone":
 

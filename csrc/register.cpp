@@ -56,13 +56,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // The kernels release the GIL: they touch no Python object.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("sinkhorn_forward", &symkernels::sinkhorn_forward, no_gil, py::arg("logits"), py::arg("sizes"),
-        py::arg("counts"), py::arg("n_iter"), py::arg("tau"), py::arg("tol"), py::arg("caps"),
-        "Sinkhorn on the ragged stack in logits (stack l: counts[l] matrices of sizes[l] x sizes[l], back to back); "
-        "returns (p, cols, domain, iterations).");
-  m.def("sinkhorn_backward", &symkernels::sinkhorn_backward, no_gil, py::arg("grad_p"), py::arg("logits"),
-        py::arg("sizes"), py::arg("counts"), py::arg("cols"), py::arg("domain"), py::arg("iterations"),
-        py::arg("tau"), "The exact vector-Jacobian product of the iterations sinkhorn_forward ran: grad_logits.");
+  m.def("sinkhorn_forward", &symkernels::sinkhorn_forward, no_gil, py::arg("stacks"), py::arg("n_iter"),
+        py::arg("tau"), py::arg("tol"), py::arg("stop_by_stack"), py::arg("caps"),
+        "Sinkhorn on the list of stacks [G_l, n_l, n_l]; returns (p, cols, domain, iterations), p one tensor per "
+        "stack.");
+  m.def("sinkhorn_backward", &symkernels::sinkhorn_backward, no_gil, py::arg("grad_p"), py::arg("stacks"),
+        py::arg("cols"), py::arg("domain"), py::arg("iterations"), py::arg("tau"),
+        "The exact vector-Jacobian product of the iterations sinkhorn_forward ran: one gradient per stack.");
   m.def("expand_forward", &symkernels::expand_forward, no_gil, py::arg("reps"), py::arg("weight"),
         py::arg("kernel_size"), py::arg("leading_identity"),
         "reps [G', d, d], weight [O, I, d] -> kernel [O*G, I*G_in, k, k] of the stack [I_d (if leading_identity), "

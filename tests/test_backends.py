@@ -72,7 +72,7 @@ def test_explicit_choice_that_cannot_serve_raises_with_the_reason():
 def test_the_op_refuses_the_reference_with_a_pointer_to_it():
     """The reference is not an op implementation: the op says where it is instead."""
     with pytest.raises(RuntimeError, match="backend='reference'"):
-        torch.ops.symkernels.sinkhorn(torch.rand(9), [3], [1], 2, 1.0, 0.0, None, "reference")
+        torch.ops.symkernels.sinkhorn([torch.rand(1, 3, 3)], 2, 1.0, 0.0, "matrix", None, "reference")
 
 
 def _run_with_env(value: str, code: str) -> subprocess.CompletedProcess:

@@ -149,6 +149,11 @@ def test_emulated_log_domain_and_tolerance_exit(emulated, n, launch):
     assert domain.tolist() == [0, 1, 0] and iterations[2] < iterations[0], iterations
 
 
+def _stacks(flat, sizes, counts):
+    pieces = flat.split([c * n * n for n, c in zip(sizes, counts, strict=True)])
+    return [piece.view(c, n, n) for piece, n, c in zip(pieces, sizes, counts, strict=True)]
+
+
 def test_emulated_ragged_call_matches_the_native_cpu_kernels(emulated):
     """Stacks of every kernel family in one call, with caps: the same iterations, domains and (to float32
     rounding) the same saved column scalings and outputs as the native CPU kernels."""
@@ -160,8 +165,11 @@ def test_emulated_ragged_call_matches_the_native_cpu_kernels(emulated):
     grad = make_logits(flat.numel(), seed=2)
     got = run(emulated, flat, sizes, counts, 6, 0.9, 0.0, caps, launch=LAUNCHES["cluster2"], grad=grad)
     library = _native.library()
-    want = library.sinkhorn_forward(flat, sizes, counts, 6, 0.9, 0.0, caps)
-    want_grad = library.sinkhorn_backward(grad, flat, sizes, counts, *want[1:], 0.9)
+    stacks = _stacks(flat, sizes, counts)
+    want_p, *want = library.sinkhorn_forward(stacks, 6, 0.9, 0.0, False, caps)
+    want_grads = library.sinkhorn_backward(_stacks(grad, sizes, counts), stacks, *want, 0.9)
+    want = [torch.cat([q.reshape(-1) for q in want_p]), *want]
+    want_grad = torch.cat([g.reshape(-1) for g in want_grads])
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
     assert got[3].tolist() == caps.tolist()
     torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-6)

@@ -35,13 +35,22 @@ def ragged(sizes, counts, device, seed=0, scale=1.0):
     return flat.to(device)
 
 
+def stacks_of(flat, sizes, counts):
+    """The [c, n, n] stacks laid back to back in ``flat``."""
+    pieces = flat.split([c * n * n for n, c in zip(sizes, counts, strict=True)])
+    return [piece.view(c, n, n) for piece, n, c in zip(pieces, sizes, counts, strict=True)]
+
+
 def native(flat, sizes, counts, n_iter, tau, tol=0.0, caps=None, grad=None):
+    """The native pair on the stacks in ``flat``; P and the gradient packed like ``flat``."""
     library = _native.library()
-    out = library.sinkhorn_forward(flat, sizes, counts, n_iter, tau, tol, caps)
+    stacks = stacks_of(flat, sizes, counts)
+    p, *state = library.sinkhorn_forward(stacks, n_iter, tau, tol, False, caps)
     grad_logits = None
     if grad is not None:
-        grad_logits = library.sinkhorn_backward(grad, flat, sizes, counts, *out[1:], tau)
-    return (*out, grad_logits)
+        grads = library.sinkhorn_backward(stacks_of(grad, sizes, counts), stacks, *state, tau)
+        grad_logits = torch.cat([g.reshape(-1) for g in grads])
+    return (torch.cat([q.reshape(-1) for q in p]), *state, grad_logits)
 
 
 # Every family and width in one call: small groups of 2..32 lanes, block widths 2..32, stacks of one size
@@ -162,10 +171,11 @@ def test_torch_compile_fullgraph():
 
 def test_opcheck():
     sizes, counts = [4, 40], [2, 1]
-    flat = ragged(sizes, counts, "cuda").requires_grad_()
-    torch.library.opcheck(
-        torch.ops.symkernels.sinkhorn.default, (flat, sizes, counts, 5, 1.0, 0.0, None, "cuda")
-    )
+    stacks = [s.requires_grad_() for s in stacks_of(ragged(sizes, counts, "cuda"), sizes, counts)]
+    for tol, stop in ((0.0, "matrix"), (1e-3, "stack")):
+        torch.library.opcheck(
+            torch.ops.symkernels.sinkhorn.default, (stacks, 5, 1.0, tol, stop, None, "cuda")
+        )
 
 
 def test_sizes_past_the_limit():

@@ -2,9 +2,9 @@
 
 One matrix of cases, run for each implementation (conftest.py's ``implementation`` fixture): P, the
 iterations each matrix ran and the exact gradient, for sizes, dtypes, temperatures, both domains, the
-tolerance exit (per matrix and per stack), ragged groups of stacks; then the op contract (saved state,
-opcheck, torch.compile) and the functional API's errors. Without a GPU, Triton runs in its CPU interpreter on
-tiny shapes.
+tolerance exit (per matrix and per stack), ragged groups of stacks; then gradients (gradcheck, the implicit
+gradient, low precision) and the functional API's errors. The op contract is in tests/test_sinkhorn_op.py.
+Without a GPU, Triton runs in its CPU interpreter on tiny shapes.
 """
 
 from __future__ import annotations
@@ -249,95 +249,6 @@ def test_extreme_logits_give_finite_outputs_and_gradients(implementation, tau):
     (g,) = torch.autograd.grad(p, x, torch.randn_like(p))
     assert torch.isfinite(p).all() and torch.isfinite(g).all()
     torch.testing.assert_close(p.sum(-2).cpu(), torch.ones(3, n), rtol=0, atol=1e-4)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The op contract.
-
-
-def saved_state(impl, sizes, counts, n_iter, tol, caps=None, *, scale=1.0):
-    flat = torch.cat(
-        [make_logits(c * n * n, seed=n, scale=scale) for n, c in zip(sizes, counts, strict=True)]
-    )
-    caps = None if caps is None else torch.tensor(caps, dtype=torch.int32, device=impl.device)
-    return flat, torch.ops.symkernels.sinkhorn(
-        flat.to(impl.device), sizes, counts, n_iter, 1.0, tol, caps, impl.name
-    )
-
-
-def test_saved_state_layout(implementation):
-    """cols [M, T, max n] (float64, zero past each matrix's iterations and size), domain, iterations [M]."""
-    sizes, counts, n_iter = [3, 5], [2, 1], 6
-    _, (p, cols, domain, iterations) = saved_state(implementation, sizes, counts, n_iter, 0.0, caps=[6, 2, 4])
-    assert cols.shape == (3, n_iter, 5) and cols.dtype == torch.float64
-    assert domain.dtype == torch.int32 and iterations.dtype == torch.int32 and domain.shape == (3,)
-    assert iterations.tolist() == [6, 2, 4]
-    cols = cols.cpu()
-    assert (
-        bool((cols[0, :, 3:] == 0).all())
-        and bool((cols[1, 2:] == 0).all())
-        and bool((cols[2, 4:] == 0).all())
-    )
-    assert bool((cols[0, :, :3] > 0).all())  # scaling domain: the column scalings c_t themselves
-
-
-def test_backward_state_is_order_t_times_n_per_matrix(implementation):
-    batch, n, n_iter = 3, 9, 20
-    logits = make_logits(batch, n, n).to(implementation.device).requires_grad_()
-    kept = saved_numel(lambda: symkernels.sinkhorn(logits, n_iter, backend=implementation.name))
-    # The logits, T·n column scalings and two flags per matrix: never T copies of an n×n matrix.
-    assert kept <= batch * n * n + batch * n_iter * n + 2 * batch
-    reference = saved_numel(lambda: symkernels.sinkhorn(logits.cpu(), n_iter, backend="reference"))
-    assert reference >= n_iter * batch * n * n  # what unrolled autograd keeps, for contrast
-
-
-def saved_numel(fn) -> int:
-    """Elements kept for backward by ``fn``, counting each distinct buffer once."""
-    buffers = {}
-
-    def pack(tensor):
-        buffers[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())] = (
-            tensor.numel()
-        )
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(buffers.values())
-
-
-@pytest.mark.smoke
-def test_opcheck(implementation):
-    sizes, counts = [5, 3], [3, 2]
-    flat, (p, cols, domain, iterations) = saved_state(implementation, sizes, counts, 3, 1e-3)
-    x = flat.to(implementation.device).requires_grad_()
-    torch.library.opcheck(
-        torch.ops.symkernels.sinkhorn.default, (x, sizes, counts, 3, 1.0, 1e-3, None, implementation.name)
-    )
-    torch.library.opcheck(
-        torch.ops.symkernels.sinkhorn_backward.default,
-        (torch.randn_like(p), x.detach(), sizes, counts, cols, domain, iterations, 1.0, implementation.name),
-    )
-
-
-def test_torch_compile_fullgraph_matches_eager(implementation):
-    stacks = [make_logits(3, n, n, seed=n).to(implementation.device).requires_grad_() for n in (4, 9)]
-
-    def loss(a, b):
-        first, second = symkernels.grouped_sinkhorn(
-            [a, b], 3, backend=implementation.name, check_finite=False
-        )
-        return (first * first.log()).sum() + second.square().sum()
-
-    # The ops are opaque to the compiler: aot_eager checks their fake and autograd registrations.
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    eager_value = loss(*stacks)
-    eager_grads = torch.autograd.grad(eager_value, stacks)
-    value = compiled(*stacks)
-    grads = torch.autograd.grad(value, stacks)
-    torch.testing.assert_close(value, eager_value)
-    for got, want in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(got, want)
 
 
 def test_gradcheck_float64():

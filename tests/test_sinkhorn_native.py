@@ -42,14 +42,17 @@ def unpack(flat: torch.Tensor, sizes: list[int], counts: list[int]) -> list[torc
 
 
 def forward(stacks, n_iter, tau, tol=0.0, caps=None):
+    """The native forward of the stacks, its P packed like the logits (flat, sizes, counts)."""
     flat, sizes, counts = pack(stacks)
-    p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, n_iter, tau, tol, caps)
-    return flat, sizes, counts, p, cols, domain, iterations
+    p, cols, domain, iterations = native.sinkhorn_forward(stacks, n_iter, tau, tol, False, caps)
+    assert [q.shape for q in p] == [s.shape for s in stacks]
+    return flat, sizes, counts, pack(p)[0], cols, domain, iterations
 
 
 def backward(grads, flat, sizes, counts, cols, domain, iterations, tau):
-    grad_p, _, _ = pack(grads)
-    return native.sinkhorn_backward(grad_p, flat, sizes, counts, cols, domain, iterations, tau)
+    stacks = unpack(flat, sizes, counts)
+    grad_logits = native.sinkhorn_backward(grads, stacks, cols, domain, iterations, tau)
+    return pack(grad_logits)[0]
 
 
 def reference_with_grad(stack, n_iter, tau, grad, tol=0.0):
@@ -147,18 +150,20 @@ def test_gradcheck_through_the_native_pair():
     class NativeSinkhorn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, flat, sizes, counts, n_iter, tau, caps):
-            p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, n_iter, tau, 0.0, caps)
+            stacks = unpack(flat, sizes, counts)
+            p, cols, domain, iterations = native.sinkhorn_forward(stacks, n_iter, tau, 0.0, False, caps)
             ctx.save_for_backward(flat, cols, domain, iterations)
             ctx.layout = (sizes, counts, tau)
-            return p
+            return pack(p)[0]
 
         @staticmethod
         def backward(ctx, grad_p):
             flat, cols, domain, iterations = ctx.saved_tensors
             sizes, counts, tau = ctx.layout
-            grad = native.sinkhorn_backward(
-                grad_p.contiguous(), flat, sizes, counts, cols, domain, iterations, tau
+            grads = native.sinkhorn_backward(
+                unpack(grad_p, sizes, counts), unpack(flat, sizes, counts), cols, domain, iterations, tau
             )
+            grad = pack(grads)[0]
             return grad, None, None, None, None, None
 
     flat, sizes, counts = pack(
@@ -269,14 +274,15 @@ def test_caps_limit_each_matrix():
 
 
 def test_no_matrices_gives_empty_well_shaped_outputs():
-    for sizes, counts in (([], []), ([4, 2], [0, 0])):
-        flat = torch.zeros(0, dtype=torch.float64)
-        p, cols, domain, iterations = native.sinkhorn_forward(flat, sizes, counts, 7, 1.0, 0.0, None)
-        assert (
-            p.shape == (0,) and cols.shape == (0, 7, 0) and domain.shape == (0,) and iterations.shape == (0,)
-        )
-        grad = native.sinkhorn_backward(flat, flat, sizes, counts, cols, domain, iterations, 1.0)
-        assert grad.shape == (0,)
+    for stacks in (
+        [],
+        [torch.zeros(0, 4, 4, dtype=torch.float64), torch.zeros(0, 2, 2, dtype=torch.float64)],
+    ):
+        p, cols, domain, iterations = native.sinkhorn_forward(stacks, 7, 1.0, 0.0, False, None)
+        assert [q.shape for q in p] == [s.shape for s in stacks]
+        assert cols.shape == (0, 7, 0) and domain.shape == (0,) and iterations.shape == (0,)
+        grads = native.sinkhorn_backward(stacks, stacks, cols, domain, iterations, 1.0)
+        assert [g.shape for g in grads] == [s.shape for s in stacks]
 
 
 def test_float32_is_as_accurate_as_the_float32_reference():
@@ -328,14 +334,12 @@ def test_results_do_not_depend_on_threads_or_neighbours():
 
 
 def _sinkhorn_args(**changes):
-    flat = make_logits(2 * 9 + 4, dtype=torch.float64)
     args = {
-        "logits": flat,
-        "sizes": [3, 2],
-        "counts": [2, 1],
+        "stacks": [make_logits(2, 3, 3, dtype=torch.float64), make_logits(1, 2, 2, dtype=torch.float64)],
         "n_iter": 5,
         "tau": 1.0,
         "tol": 0.0,
+        "stop_by_stack": False,
         "caps": None,
     }
     args.update(changes)
@@ -345,14 +349,18 @@ def _sinkhorn_args(**changes):
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"logits": torch.zeros(22, dtype=torch.int64)}, "logits must be float32 or float64"),
-        ({"logits": torch.zeros(2, 11, dtype=torch.float64)}, "logits must be 1-D"),
-        ({"logits": torch.zeros(22, device="meta")}, "logits must be a CPU tensor"),
-        ({"sizes": [3]}, "sizes and counts must have the same length"),
-        ({"sizes": [0, 2], "counts": [2, 11]}, "sizes must be >= 1"),
-        ({"counts": [-1, 1]}, "counts must be >= 0"),
-        ({"counts": [2, 2]}, "sizes and counts describe more than the 22 elements of logits"),
-        ({"counts": [1, 1]}, "sizes and counts describe 13 elements, but logits has 22"),
+        ({"stacks": [torch.zeros(2, 3, 3, dtype=torch.int64)]}, "stacks must be float32 or float64"),
+        ({"stacks": [torch.zeros(2, 11, dtype=torch.float64)]}, r"stacks\[0\] must have shape \[G, n, n\]"),
+        ({"stacks": [torch.zeros(2, 3, 4, dtype=torch.float64)]}, r"stacks\[0\] must have shape \[G, n, n\]"),
+        (
+            {"stacks": [torch.zeros(2, 0, 0, dtype=torch.float64)]},
+            r"stacks\[0\] must have shape \[G, n, n\] with n >= 1, got \[2, 0, 0\]",
+        ),
+        ({"stacks": [torch.zeros(2, 3, 3, device="meta")]}, r"stacks\[0\] must be a CPU tensor"),
+        (
+            {"stacks": [torch.zeros(2, 3, 3, dtype=torch.float64), torch.zeros(1, 2, 2)]},
+            r"stacks\[1\] must have the dtype of stacks\[0\]",
+        ),
         ({"n_iter": 0}, "n_iter must be"),
         ({"tau": 0.0}, "tau must be > 0"),
         ({"tau": float("nan")}, "tau must be > 0"),
@@ -372,10 +380,8 @@ def test_backward_rejects_bad_input():
     args = _sinkhorn_args()
     p, cols, domain, iterations = native.sinkhorn_forward(**args)
     good = {
-        "grad_p": torch.ones_like(p),
-        "logits": args["logits"],
-        "sizes": args["sizes"],
-        "counts": args["counts"],
+        "grad_p": [torch.ones_like(q) for q in p],
+        "stacks": args["stacks"],
         "cols": cols,
         "domain": domain,
         "iterations": iterations,
@@ -383,8 +389,9 @@ def test_backward_rejects_bad_input():
     }
     native.sinkhorn_backward(**good)
     bad = [
-        ({"grad_p": torch.ones(21, dtype=torch.float64)}, "grad_p must have the shape of logits"),
-        ({"grad_p": torch.ones(22, dtype=torch.float32)}, "grad_p must have the dtype of logits"),
+        ({"grad_p": [torch.ones_like(p[0])]}, "grad_p must have one tensor per stack"),
+        ({"grad_p": [p[0], p[1][:, :1]]}, r"grad_p\[1\] must have the shape of stacks\[1\]"),
+        ({"grad_p": [p[0].float(), p[1]]}, r"grad_p\[0\] must have the dtype of stacks"),
         ({"cols": cols.float()}, "cols must be float64"),
         ({"cols": cols[:, :, :2]}, r"cols must have shape \[M, n_iter, max_n\]"),
         ({"cols": cols[:2]}, r"cols must have shape \[M, n_iter, max_n\]"),
@@ -394,7 +401,7 @@ def test_backward_rejects_bad_input():
         ({"iterations": torch.zeros(3, dtype=torch.int32)}, r"iterations must lie in 1..5"),
         ({"iterations": iterations[:2]}, r"iterations must have shape \[3\]"),
         ({"tau": -1.0}, "tau must be > 0"),
-        ({"sizes": [2, 3]}, "sizes and counts describe"),
+        ({"stacks": args["stacks"][:1]}, "grad_p must have one tensor per stack"),
     ]
     for changes, match in bad:
         with pytest.raises(RuntimeError, match=f"sinkhorn_backward: {match}"):

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu_pool.h"
@@ -74,6 +75,17 @@ struct ComputeType<float> {
 // ---------------------------------------------------------------------------------------------------------------
 // Per-task buffers, sized once for matrices of up to n rows and up to T iterations.
 
+// A buffer whose entries start uninitialised (every reader of it writes first): no memset of n^2 entries per task.
+template <typename A>
+class Scratch {
+ public:
+  explicit Scratch(size_t size) : values_(new A[size]) {}
+  A* data() { return values_.get(); }
+
+ private:
+  std::unique_ptr<A[]> values_;
+};
+
 template <typename A>
 struct Workspace {
   Workspace(int64_t n, int64_t n_iter, bool backward)
@@ -91,7 +103,7 @@ struct Workspace {
       block.resize(static_cast<size_t>(4 * n));
     }
   }
-  std::vector<A> mat;      // [n, n]: K in the scaling domain, L0 in the log domain
+  Scratch<A> mat;         // [n, n]: K in the scaling domain, L0 in the log domain
   std::vector<A> row_max;  // [n]: max_j L0[i, j]
   std::vector<A> rows;     // [T, n]: r_t (scaling domain) or f_t (log domain), t = 1..T
   std::vector<A> cols;     // [T + 1, n]: c_t with c_0 = 1 (scaling domain) or g_t with g_0 = 0 (log domain)
@@ -105,25 +117,39 @@ struct Workspace {
 // ---------------------------------------------------------------------------------------------------------------
 // Per-matrix pieces that the forward and the backward share (the backward recomputes with the forward's code).
 
-// L0 = x / tau (rounded to the input type, as the reference computes it) into l0, and the row maxima. True when
-// every logit is finite and the largest within-row spread allows the scaling domain.
+// One row of L0 = x / tau (rounded to the input type, as the reference computes it; tau = 1 needs no division),
+// with its maximum and minimum, and probe += v * 0 (NaN for a non-finite v).
+template <bool Divide, typename S, typename A>
+SYMKERNELS_INLINE void load_row(const S* __restrict xi, S tau, int64_t n, A* __restrict li, A& hi, A& lo, A& probe) {
+  A row_hi = -std::numeric_limits<A>::infinity();
+  A row_lo = std::numeric_limits<A>::infinity();
+  A row_probe = 0;
+  SYMKERNELS_SIMD_WITH(reduction(max : row_hi) reduction(min : row_lo) reduction(+ : row_probe))
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = Divide ? static_cast<A>(static_cast<S>(xi[j] / tau)) : static_cast<A>(xi[j]);
+    li[j] = v;
+    row_hi = std::max(row_hi, v);
+    row_lo = std::min(row_lo, v);
+    row_probe += v * A(0);
+  }
+  hi = row_hi;
+  lo = row_lo;
+  probe += row_probe;
+}
+
+// L0 = x / tau into l0, and the row maxima. True when every logit is finite and the largest within-row spread
+// allows the scaling domain.
 template <typename S, typename A>
 SYMKERNELS_INLINE bool load_logits(const S* __restrict x, S tau, int64_t n, A* __restrict l0,
                                    A* __restrict row_max) {
   A spread = 0;
-  A probe = 0;  // stays 0 unless some L0 is NaN or infinite (v * 0 is NaN for those)
+  A probe = 0;  // stays 0 unless some L0 is NaN or infinite
   for (int64_t i = 0; i < n; ++i) {
-    const S* xi = x + i * n;
-    A* li = l0 + i * n;
-    A hi = -std::numeric_limits<A>::infinity();
-    A lo = std::numeric_limits<A>::infinity();
-    SYMKERNELS_SIMD_WITH(reduction(max : hi) reduction(min : lo) reduction(+ : probe))
-    for (int64_t j = 0; j < n; ++j) {
-      const A v = static_cast<A>(static_cast<S>(xi[j] / tau));
-      li[j] = v;
-      hi = std::max(hi, v);
-      lo = std::min(lo, v);
-      probe += v * A(0);
+    A hi, lo;
+    if (tau == S(1)) {
+      load_row<false>(x + i * n, tau, n, l0 + i * n, hi, lo, probe);
+    } else {
+      load_row<true>(x + i * n, tau, n, l0 + i * n, hi, lo, probe);
     }
     row_max[i] = hi;
     spread = std::max(spread, hi - lo);
@@ -165,14 +191,13 @@ SYMKERNELS_INLINE void log_row_step(const A* __restrict l0, const A* __restrict 
 
 template <typename S, typename A>
 struct ForwardArgs {
-  const S* logits;
-  S* p;
+  const S* const* logits;  // [M]: each matrix's first logit
+  S* const* p;             // [M]
   double* cols;          // [M, n_iter, max_n]
   int32_t* domain;       // [M]
   int32_t* iterations;   // [M]
   const int32_t* caps;   // [M] or nullptr
   const int64_t* size;   // [M]
-  const int64_t* offset; // [M]
   S tau;
   A tol;
   bool early_exit;
@@ -182,18 +207,31 @@ struct ForwardArgs {
 
 template <typename S>
 struct BackwardArgs {
-  const S* grad;
-  const S* logits;
+  const S* const* grad;       // [M]: each matrix's first entry
+  const S* const* logits;     // [M]
   const double* cols;         // [M, n_iter, max_n]
   const int32_t* domain;      // [M]
   const int32_t* iterations;  // [M]
-  S* out;
+  S* const* out;              // [M]
   const int64_t* size;        // [M]
-  const int64_t* offset;      // [M]
   S tau;
   int64_t n_iter;
   int64_t max_n;
 };
+
+// [M]: where each matrix of the stacks (contiguous [G_l, n_l, n_l] tensors of type T) begins.
+template <typename T, typename Tensor>
+std::vector<T*> matrix_starts(const std::vector<Tensor>& stacks) {
+  std::vector<T*> starts;
+  for (const Tensor& stack : stacks) {
+    T* base = static_cast<T*>(stack.data_ptr());
+    const int64_t per_matrix = stack.size(1) * stack.size(2);
+    for (int64_t g = 0; g < stack.size(0); ++g) {
+      starts.push_back(base + g * per_matrix);
+    }
+  }
+  return starts;
+}
 
 // Picks the range function compiled for the widest ISA this CPU has.
 template <typename F>

@@ -196,9 +196,9 @@ template <int B, typename S, typename A>
 SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, int64_t m, Workspace<A>& ws) {
   const int64_t n = a.size[m];
   const int64_t iterations = saved_iterations(a.iterations, m, a.n_iter);
-  const S* grad = a.grad + a.offset[m];
-  const S* x = a.logits + a.offset[m];
-  S* out = a.out + a.offset[m];
+  const S* grad = a.grad[m];
+  const S* x = a.logits[m];
+  S* out = a.out[m];
   const double* slab = a.cols + m * a.n_iter * a.max_n;
   A* k = ws.mat.data();
   A* rs = ws.rows.data();
@@ -261,21 +261,23 @@ SYMKERNELS_TARGET_AVX512 void backward_range_avx512(const BackwardArgs<S>& a, in
 
 }  // namespace
 
-void sinkhorn_backward_cpu(const at::Tensor& grad_p, const at::Tensor& logits, const RaggedLayout& layout,
-                           const at::Tensor& cols, const at::Tensor& domain, const at::Tensor& iterations, double tau,
-                           const at::Tensor& grad_logits) {
+void sinkhorn_backward_cpu(const std::vector<at::Tensor>& grad_p, const std::vector<at::Tensor>& stacks,
+                           const RaggedLayout& layout, const at::Tensor& cols, const at::Tensor& domain,
+                           const at::Tensor& iterations, double tau, const std::vector<at::Tensor>& grad_logits) {
   const int64_t* size = layout.size.data();
   const int32_t* ran = iterations.const_data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sinkhorn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(stacks[0].scalar_type(), "sinkhorn_backward_cpu", [&] {
     using A = typename ComputeType<scalar_t>::type;
-    const BackwardArgs<scalar_t> args{grad_p.const_data_ptr<scalar_t>(),
-                                      logits.const_data_ptr<scalar_t>(),
+    const std::vector<const scalar_t*> grad_of = matrix_starts<const scalar_t>(grad_p);
+    const std::vector<const scalar_t*> logits_of = matrix_starts<const scalar_t>(stacks);
+    const std::vector<scalar_t*> out_of = matrix_starts<scalar_t>(grad_logits);
+    const BackwardArgs<scalar_t> args{grad_of.data(),
+                                      logits_of.data(),
                                       cols.const_data_ptr<double>(),
                                       domain.const_data_ptr<int32_t>(),
                                       ran,
-                                      grad_logits.mutable_data_ptr<scalar_t>(),
+                                      out_of.data(),
                                       size,
-                                      layout.offset.data(),
                                       static_cast<scalar_t>(tau),
                                       cols.size(1),
                                       layout.max_n};

@@ -121,8 +121,8 @@ SYMKERNELS_INLINE void save_cols(const A* __restrict cs, int64_t n, int64_t iter
 template <int B, typename S, typename A>
 SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, int64_t m, Workspace<A>& ws) {
   const int64_t n = a.size[m];
-  const S* x = a.logits + a.offset[m];
-  S* p = a.p + a.offset[m];
+  const S* x = a.logits[m];
+  S* p = a.p[m];
   const int64_t limit = iteration_limit(a.caps, m, a.n_iter);
   A* k = ws.mat.data();
   A* row_max = ws.row_max.data();
@@ -192,22 +192,44 @@ SYMKERNELS_TARGET_AVX512 void forward_range_avx512(const ForwardArgs<S, A>& a, i
 }
 #endif
 
+// The matrices that stopped before the slowest matrix of their stack, and every matrix's new cap: the most
+// iterations its stack ran, within its own limit.
+std::vector<int64_t> lagging_matrices(const RaggedLayout& layout, const int32_t* iterations, const int32_t* caps,
+                                      int64_t n_iter, std::vector<int32_t>& stack_caps) {
+  std::vector<int64_t> lagging;
+  stack_caps.resize(static_cast<size_t>(layout.num_matrices()));
+  int64_t begin = 0;
+  for (const int64_t end : layout.stack_end) {
+    const int32_t most = begin < end ? *std::max_element(iterations + begin, iterations + end) : 0;
+    for (int64_t m = begin; m < end; ++m) {
+      stack_caps[m] = static_cast<int32_t>(std::min<int64_t>(most, iteration_limit(caps, m, n_iter)));
+      if (iterations[m] < stack_caps[m]) {
+        lagging.push_back(m);
+      }
+    }
+    begin = end;
+  }
+  return lagging;
+}
+
 }  // namespace
 
-void sinkhorn_forward_cpu(const at::Tensor& logits, const RaggedLayout& layout, int64_t n_iter, double tau,
-                          double tol, const int32_t* caps, const at::Tensor& p, const at::Tensor& cols,
-                          const at::Tensor& domain, const at::Tensor& iterations) {
+void sinkhorn_forward_cpu(const std::vector<at::Tensor>& stacks, const RaggedLayout& layout, int64_t n_iter,
+                          double tau, double tol, bool stop_by_stack, const int32_t* caps,
+                          const std::vector<at::Tensor>& p, const at::Tensor& cols, const at::Tensor& domain,
+                          const at::Tensor& iterations) {
   const int64_t* size = layout.size.data();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sinkhorn_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(stacks[0].scalar_type(), "sinkhorn_forward_cpu", [&] {
     using A = typename ComputeType<scalar_t>::type;
-    const ForwardArgs<scalar_t, A> args{logits.const_data_ptr<scalar_t>(),
-                                        p.mutable_data_ptr<scalar_t>(),
+    const std::vector<const scalar_t*> logits_of = matrix_starts<const scalar_t>(stacks);
+    const std::vector<scalar_t*> p_of = matrix_starts<scalar_t>(p);
+    const ForwardArgs<scalar_t, A> args{logits_of.data(),
+                                        p_of.data(),
                                         cols.mutable_data_ptr<double>(),
                                         domain.mutable_data_ptr<int32_t>(),
                                         iterations.mutable_data_ptr<int32_t>(),
                                         caps,
                                         size,
-                                        layout.offset.data(),
                                         static_cast<scalar_t>(tau),
                                         static_cast<A>(tol),
                                         early_exit_enabled(tol),
@@ -220,6 +242,19 @@ void sinkhorn_forward_cpu(const at::Tensor& logits, const RaggedLayout& layout, 
     const auto range = &forward_range<scalar_t, A>;
 #endif
     run_tasks(layout.num_matrices(), size, caps, n_iter, [&](int64_t begin, int64_t end) { range(args, begin, end); });
+    if (!stop_by_stack || !args.early_exit) {
+      return;
+    }
+    // Matrices that stopped early run again, capped at their stack's count: stopping by tol after t iterations
+    // computes what t capped iterations compute, so the others keep their first pass.
+    std::vector<int32_t> stack_caps;
+    const std::vector<int64_t> lagging =
+        lagging_matrices(layout, args.iterations, caps, n_iter, stack_caps);
+    ForwardArgs<scalar_t, A> rerun = args;
+    rerun.caps = stack_caps.data();
+    rerun.early_exit = false;
+    parallel_tasks(static_cast<int64_t>(lagging.size()),
+                   [&](int64_t t) { range(rerun, lagging[t], lagging[t] + 1); });
   });
 }
 

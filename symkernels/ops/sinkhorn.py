@@ -2,18 +2,21 @@
 
 The op family, the same contract on every device::
 
-    symkernels::sinkhorn(logits, sizes, counts, n_iter, tau, tol, caps, backend)
-        -> (p, cols, domain, iterations)
-    symkernels::sinkhorn_backward(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend)
+    symkernels::sinkhorn(stacks, n_iter, tau, tol, stop, caps, backend) -> (p, cols, domain, iterations)
+    symkernels::sinkhorn_backward(grad_p, stacks, cols, domain, iterations, tau, backend) -> grad_stacks
 
-``logits`` is one flat buffer of matrices laid back to back, row-major: stack ``l`` holds ``counts[l]``
-matrices of ``sizes[l] × sizes[l]`` (a single stack is the case of one entry). Each matrix is iterated (rows,
-then columns) in the scaling domain, or in the log domain when its logits are too spread out for it, until its
-rows sum to 1 within ``tol`` (``tol = 0``: no test) or its cap (``caps[m]``, else ``n_iter``) is reached; the
-test is decided on the device, per matrix, without host synchronisation. The forward saves what the exact
-backward needs: ``cols [M, n_iter, max n]`` (float64: each iteration's column scalings, ``c_t`` or ``g_t``,
-zero past the last iteration), ``domain [M]`` (0 scaling, 1 log) and ``iterations [M]``; the backward, the
-exact vector-Jacobian product of the iterations each matrix ran, recomputes the row scalings from them.
+``stacks`` is a list of ``[G_l, n_l, n_l]`` logits (sizes may differ; a single stack is the case of one
+entry), ``M = Σ G_l`` matrices numbered stack by stack; ``p`` and the gradients are lists like it. Each
+matrix is iterated (rows, then columns) in the scaling domain, or in the log domain when its logits are too
+spread out for it, until its rows sum to 1 within ``tol`` (``tol = 0``: no test) or its cap (``caps[m]``,
+else ``n_iter``) is reached; the test is decided on the device, per matrix, without host synchronisation.
+With ``stop="stack"`` every matrix then runs as many iterations as the slowest matrix of its stack (within
+its cap): the CPU kernel runs the lagging matrices again, the GPU implementations run the call again with
+those caps. The forward saves what the exact backward needs: ``cols [M, n_iter, max n]`` (float64: each
+iteration's column scalings, ``c_t`` or ``g_t``, zero past the last iteration), ``domain [M]`` (0 scaling,
+1 log) and ``iterations [M]``; the backward, the exact vector-Jacobian product of the iterations each matrix
+ran, recomputes the row scalings from them. The CPU kernels read and write the stacks where they are; the
+GPU kernels read one packed buffer.
 
 Implementations: ``cpu`` and ``cuda`` (the native library's ``sinkhorn_forward``/``sinkhorn_backward``),
 ``triton`` (:mod:`symkernels.ops.sinkhorn_triton`); ``backend`` names one of them (``"auto"``: chosen by
@@ -46,13 +49,13 @@ BACKWARD_MODES = ("unrolled", "implicit")
 
 torch.library.define(
     "symkernels::sinkhorn",
-    "(Tensor logits, int[] sizes, int[] counts, int n_iter, float tau, float tol, Tensor? caps, str backend)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor[] stacks, int n_iter, float tau, float tol, str stop, Tensor? caps, str backend)"
+    " -> (Tensor[], Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "symkernels::sinkhorn_backward",
-    "(Tensor grad_p, Tensor logits, int[] sizes, int[] counts, Tensor cols, Tensor domain, Tensor iterations,"
-    " float tau, str backend) -> Tensor",
+    "(Tensor[] grad_p, Tensor[] stacks, Tensor cols, Tensor domain, Tensor iterations, float tau,"
+    " str backend) -> Tensor[]",
 )
 
 
@@ -60,35 +63,89 @@ class _Native:
     """The native library's kernels; on the CPU, float16 and bfloat16 are computed in float32."""
 
     @staticmethod
-    def _widen(tensor: torch.Tensor) -> torch.Tensor:
-        low = tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
-        return tensor.float() if low else tensor
+    def _widen(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        low = (
+            tensors
+            and tensors[0].device.type == "cpu"
+            and tensors[0].dtype in (torch.float16, torch.bfloat16)
+        )
+        return [t.float() for t in tensors] if low else tensors
+
+    @staticmethod
+    def _narrow(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not tensors or tensors[0].dtype == like[0].dtype:
+            return tensors
+        return [t.to(x.dtype) for t, x in zip(tensors, like, strict=True)]
 
     @classmethod
-    def forward(cls, logits, sizes, counts, n_iter, tau, tol, caps):
+    def forward(cls, stacks, n_iter, tau, tol, stop, caps):
         p, cols, domain, iterations = _native.library().sinkhorn_forward(
-            cls._widen(logits), sizes, counts, n_iter, tau, tol, caps
+            cls._widen(stacks), n_iter, tau, tol, stop == "stack", caps
         )
-        return p.to(logits.dtype), cols, domain, iterations
+        return cls._narrow(p, stacks), cols, domain, iterations
 
     @classmethod
-    def backward(cls, grad_p, logits, sizes, counts, cols, domain, iterations, tau):
-        grad = _native.library().sinkhorn_backward(
-            cls._widen(grad_p), cls._widen(logits), sizes, counts, cols, domain, iterations, tau
+    def backward(cls, grad_p, stacks, cols, domain, iterations, tau):
+        grads = _native.library().sinkhorn_backward(
+            cls._widen(grad_p), cls._widen(stacks), cols, domain, iterations, tau
         )
-        return grad.to(logits.dtype)
+        return cls._narrow(grads, stacks)
 
 
-def _kernels(backend: str, tensor: torch.Tensor, op: str):
-    """The implementation that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``tensor``."""
-    name = backends.resolve(None if backend == "auto" else backend, tensor.device, tensor.dtype, op)
-    if name == "triton":
+class _Triton:
+    """:mod:`symkernels.ops.sinkhorn_triton` on the stacks packed into one buffer; the stack rule is a second
+    launch, capped per stack."""
+
+    @staticmethod
+    def forward(stacks, n_iter, tau, tol, stop, caps):
         from symkernels.ops import sinkhorn_triton
 
-        return sinkhorn_triton
+        flat, sizes, counts = _packed(stacks)
+        outputs = sinkhorn_triton.forward(flat, sizes, counts, n_iter, tau, tol, caps)
+        if stop == "stack" and tol > 0:
+            stack_caps = _stack_caps(outputs[3], counts)
+            if caps is not None:
+                stack_caps = torch.minimum(stack_caps, caps)
+            outputs = sinkhorn_triton.forward(flat, sizes, counts, n_iter, tau, 0.0, stack_caps)
+        p, cols, domain, iterations = outputs
+        return _unpacked(p, stacks), cols, domain, iterations
+
+    @staticmethod
+    def backward(grad_p, stacks, cols, domain, iterations, tau):
+        from symkernels.ops import sinkhorn_triton
+
+        flat, sizes, counts = _packed(stacks)
+        grad = sinkhorn_triton.backward(
+            _packed(grad_p)[0], flat, sizes, counts, cols, domain, iterations, tau
+        )
+        return _unpacked(grad, stacks)
+
+
+def _packed(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The stacks as one contiguous buffer of matrices back to back, with their sizes and counts."""
+    flat = torch.cat([s.reshape(-1) for s in stacks]) if len(stacks) > 1 else stacks[0].reshape(-1)
+    return flat.contiguous(), [s.shape[-1] for s in stacks], [s.shape[0] for s in stacks]
+
+
+def _unpacked(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` cut into tensors shaped like ``like``; each its own tensor (no two outputs alias)."""
+    pieces = [
+        piece.view(x.shape) for piece, x in zip(flat.split([x.numel() for x in like]), like, strict=True)
+    ]
+    return pieces if len(pieces) == 1 else [piece.clone() for piece in pieces]
+
+
+def _kernels(backend: str, stacks: list[torch.Tensor], op: str):
+    """The implementation that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``stacks``."""
+    if not stacks:
+        return _Native
+    first = stacks[0]
+    name = backends.resolve(None if backend == "auto" else backend, first.device, first.dtype, op)
+    if name == "triton":
+        return _Triton
     if name == "reference":
         raise RuntimeError(
-            f"{op} has no {tensor.device.type} {tensor.dtype} kernel here "
+            f"{op} has no {first.device.type} {first.dtype} kernel here "
             f"({backends.backend_status()['cpu'].detail}); symkernels.sinkhorn(..., backend='reference') "
             "computes it in pure PyTorch"
         )
@@ -96,43 +153,49 @@ def _kernels(backend: str, tensor: torch.Tensor, op: str):
 
 
 @torch.library.impl("symkernels::sinkhorn", ("cpu", "cuda"))
-def _forward(logits, sizes, counts, n_iter, tau, tol, caps, backend):
-    return _kernels(backend, logits, "sinkhorn").forward(logits, sizes, counts, n_iter, tau, tol, caps)
+def _forward(stacks, n_iter, tau, tol, stop, caps, backend):
+    if stop not in STOP_RULES:
+        raise ValueError(f"symkernels::sinkhorn: stop must be one of {STOP_RULES}, got {stop!r}")
+    return _kernels(backend, stacks, "sinkhorn").forward(stacks, n_iter, tau, tol, stop, caps)
 
 
 @torch.library.impl("symkernels::sinkhorn_backward", ("cpu", "cuda"))
-def _backward_impl(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend):
-    kernels = _kernels(backend, logits, "sinkhorn_backward")
-    return kernels.backward(grad_p, logits, sizes, counts, cols, domain, iterations, tau)
+def _backward_impl(grad_p, stacks, cols, domain, iterations, tau, backend):
+    kernels = _kernels(backend, stacks, "sinkhorn_backward")
+    return kernels.backward(grad_p, stacks, cols, domain, iterations, tau)
 
 
 @torch.library.register_fake("symkernels::sinkhorn")
-def _(logits, sizes, counts, n_iter, tau, tol, caps, backend):
-    matrices, max_n = sum(counts), max(sizes, default=0)
-    flags = logits.new_empty((matrices,), dtype=torch.int32)
-    cols = logits.new_empty((matrices, n_iter, max_n), dtype=torch.float64)
-    return torch.empty_like(logits), cols, flags, torch.empty_like(flags)
+def _(stacks, n_iter, tau, tol, stop, caps, backend):
+    matrices = sum(s.shape[0] for s in stacks)
+    max_n = max((s.shape[-1] for s in stacks if s.shape[0] > 0), default=0)
+    options = {"device": stacks[0].device} if stacks else {}
+    flags = torch.empty((matrices,), dtype=torch.int32, **options)
+    cols = torch.empty((matrices, n_iter, max_n), dtype=torch.float64, **options)
+    return [torch.empty_like(s) for s in stacks], cols, flags, torch.empty_like(flags)
 
 
 @torch.library.register_fake("symkernels::sinkhorn_backward")
-def _(grad_p, logits, sizes, counts, cols, domain, iterations, tau, backend):
-    return torch.empty_like(logits)
+def _(grad_p, stacks, cols, domain, iterations, tau, backend):
+    return [torch.empty_like(s) for s in stacks]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, sizes, counts, _, tau, _, _, backend = inputs
+    stacks, _, tau, _, _, _, backend = inputs
     _, cols, domain, iterations = output
-    ctx.save_for_backward(logits, cols, domain, iterations)
-    ctx.layout, ctx.tau, ctx.backend = (list(sizes), list(counts)), tau, backend
+    ctx.save_for_backward(*stacks, cols, domain, iterations)
+    ctx.tau, ctx.backend = tau, backend
     ctx.mark_non_differentiable(cols, domain, iterations)
 
 
 def _autograd(ctx, grad_p, grad_cols, grad_domain, grad_iterations):
-    logits, cols, domain, iterations = ctx.saved_tensors
-    grad = torch.ops.symkernels.sinkhorn_backward(
-        grad_p.contiguous(), logits, *ctx.layout, cols, domain, iterations, ctx.tau, ctx.backend
+    *stacks, cols, domain, iterations = ctx.saved_tensors
+    # A stack whose P took no part in the loss has no gradient coming in.
+    grad_p = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_p, stacks, strict=True)]
+    grads = torch.ops.symkernels.sinkhorn_backward(
+        grad_p, stacks, cols, domain, iterations, ctx.tau, ctx.backend
     )
-    return grad, None, None, None, None, None, None, None
+    return grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("symkernels::sinkhorn", _autograd, setup_context=_setup_context)
@@ -208,33 +271,10 @@ def _stack_caps(iterations: torch.Tensor, counts: Sequence[int]) -> torch.Tensor
 
 
 def _run_op(
-    flat: torch.Tensor,
-    sizes: list[int],
-    counts: list[int],
-    n_iter: int,
-    tau: float,
-    tol: float,
-    stop: str,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    def run(tol: float, caps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = torch.ops.symkernels.sinkhorn(flat, sizes, counts, n_iter, tau, tol, caps, backend)
-        return outputs[0], outputs[3]
-
-    if stop != "stack" or tol == 0:
-        return run(tol, None)
-    # Every matrix of a stack runs as many iterations as its slowest one needs: first find out how many.
-    if flat.device.type == "cpu":
-        # The iterations are at hand without a device sync: keep the first pass when every matrix already ran
-        # its stack's count (stopping by tol after t iterations computes what t capped iterations compute).
-        p, first = run(tol, None)
-        caps = _stack_caps(first, counts)
-        if torch.equal(caps, first):
-            return p, first
-    else:
-        with torch.no_grad():
-            caps = _stack_caps(run(tol, None)[1], counts)
-    return run(0.0, caps)
+    stacks: list[torch.Tensor], n_iter: int, tau: float, tol: float, stop: str, backend: str
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    p, _, _, iterations = torch.ops.symkernels.sinkhorn(stacks, n_iter, tau, tol, stop, None, backend)
+    return p, iterations
 
 
 def _check_options(
@@ -299,10 +339,8 @@ def sinkhorn(
             )
     else:
         # One op call is one stack: stop="stack" treats the whole batch as one.
-        flat = source.reshape(-1).contiguous()
-        matrices = flat.numel() // (n * n)
-        p, iterations = _run_op(flat, [n], [matrices], n_iter, tau, tol, stop, name)
-        p, iterations = p.view(logits.shape), iterations.view(batch_shape)
+        stacks, iterations = _run_op([source.reshape(-1, n, n)], n_iter, tau, tol, stop, name)
+        p, iterations = stacks[0].view(logits.shape), iterations.view(batch_shape)
     if backward == "implicit":
         p = _ImplicitGradient.apply(logits, p, tau)
     return (p, iterations) if return_iterations else p
@@ -342,10 +380,8 @@ def grouped_sinkhorn(
         ]
         outputs, iterations = [p for p, _ in pairs], [i for _, i in pairs]
     else:
-        sizes, counts = [s.shape[-1] for s in checked], [s.shape[0] for s in checked]
-        flat = torch.cat([s.reshape(-1) for s in checked]) if len(checked) > 1 else first.reshape(-1)
-        p, flat_iterations = _run_op(flat.contiguous(), sizes, counts, n_iter, tau, tol, stop, name)
-        pieces = p.split([c * n * n for n, c in zip(sizes, counts, strict=True)])
-        outputs = [piece.view(c, n, n) for piece, n, c in zip(pieces, sizes, counts, strict=True)]
-        iterations = list(flat_iterations.split(counts))
+        outputs, flat_iterations = _run_op(checked, n_iter, tau, tol, stop, name)
+        if not return_iterations:
+            return outputs
+        iterations = list(flat_iterations.split([s.shape[0] for s in checked]))
     return (outputs, iterations) if return_iterations else outputs
