@@ -12,9 +12,10 @@ touches every provider alike and the ratios between them come from the same minu
 * one more call measures the peak memory allocated during a call, above what was allocated before it (CUDA:
   the caching allocator's peak; CPU: the allocations the profiler records, summed in time order).
 
-Timing is ``perf_counter`` on the CPU and CUDA events on a GPU (the median of samples of back-to-back calls
-after warm-up, as ``triton.testing.do_bench`` does, without flushing the L2 cache: a training step calls these
-ops with warm caches). A case may also be timed as a replayed CUDA graph (launch overhead removed).
+Timing (:mod:`bench.timing`) is ``perf_counter`` on the CPU and CUDA events on a GPU (the median of samples
+of back-to-back calls after warm-up, as ``triton.testing.do_bench`` does, without flushing the L2 cache: a
+training step calls these ops with warm caches). A case may also be timed as a replayed CUDA graph (launch
+overhead removed).
 
 Rows are appended to a JSON-lines file as each group finishes (a run cut short keeps what it measured), after
 one ``run`` record holding the environment: device, versions, commit, threads and load average.
@@ -25,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
-import statistics
 import time
 import traceback
 import uuid
@@ -38,14 +37,13 @@ from typing import Any
 import torch
 
 from bench.environment import busy_processes, environment, load_average, package_version
+from bench.timing import Closure, Timer, peak_bytes, summary_ms
 
 __all__ = ["busy_processes", "environment", "load_average", "package_version"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RESULTS_FILE = RESULTS / "benchmarks.jsonl"
-
-Closure = Callable[[], object]
 
 
 @dataclass
@@ -120,101 +118,6 @@ def settings_for(quick: bool, rounds: int | None = None, budget_s: float | None 
     """The quick or the full settings, with a command line's rounds (if given) and budget."""
     base = QUICK if quick else FULL
     return replace(base, rounds=rounds or base.rounds, budget_s=budget_s)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing and memory
-
-
-class Timer:
-    """Per-call times of closures: CUDA events on a GPU, ``perf_counter`` on the CPU."""
-
-    def __init__(self, device: str) -> None:
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def elapsed_s(self, fn: Closure, calls: int) -> float:
-        """Seconds for ``calls`` back-to-back calls, starting from an idle device."""
-        self.sync()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return time.perf_counter() - begin
-
-    def graph_per_call_s(self, fn: Closure, rounds: int, calls: int = 10) -> list[float]:
-        """Per-call seconds of a CUDA graph holding ``calls`` calls of ``fn``, one sample per replay."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # graph capture wants its warm-up on a side stream
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        graph.replay()
-        return [self.elapsed_s(graph.replay, 1) / calls for _ in range(rounds)]
-
-
-def peak_bytes(fn: Closure, device: str) -> int | None:
-    """Peak memory allocated during one call of ``fn``, above what was allocated before it (bytes).
-
-    CUDA: the caching allocator's peak. CPU: the running sum of the allocations and frees that the profiler
-    records during the call (``profile_memory``), in time order; None when the profiler cannot say.
-    """
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
-        current = peak = 0
-        for event in events:
-            current += event.nbytes()
-            peak = max(peak, current)
-    except AttributeError:  # a torch whose profiler results look otherwise
-        return None
-    return peak
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile of already sorted values."""
-    position = q * (len(sorted_values) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
-def summary_ms(per_call_s: Sequence[float]) -> dict[str, Any]:
-    ordered = sorted(per_call_s)
-    return {
-        "median_ms": statistics.median(ordered) * 1e3,
-        "p20_ms": quantile(ordered, 0.2) * 1e3,
-        "p80_ms": quantile(ordered, 0.8) * 1e3,
-        "min_ms": ordered[0] * 1e3,
-        "samples_ms": [round(s * 1e3, 6) for s in per_call_s],
-    }
 
 
 def error_record(error: BaseException) -> dict[str, str]:

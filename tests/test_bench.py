@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import symkernels
-from bench import environment, harness, report
+from bench import environment, harness, report, timing
 from bench import sinkhorn as sinkhorn_bench
 from bench.__main__ import main as bench_main
 from bench.workloads import make_stack
@@ -70,9 +70,9 @@ def test_peak_memory_counts_what_one_call_allocates():
         b = a * 2  # 4 MiB more while a is alive
         return b.sum()
 
-    peak = harness.peak_bytes(allocate, "cpu")
+    peak = timing.peak_bytes(allocate, "cpu")
     assert peak is not None and 8 * 2**20 <= peak < 12 * 2**20
-    assert harness.peak_bytes(lambda: None, "cpu") == 0
+    assert timing.peak_bytes(lambda: None, "cpu") == 0
 
 
 def test_run_appends_records_and_respects_the_budget(tmp_path):
