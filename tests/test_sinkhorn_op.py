@@ -68,6 +68,19 @@ def test_saved_state_layout(implementation):
     assert bool((cols[0, :, :3] > 0).all())  # scaling domain: the column scalings c_t themselves
 
 
+def test_an_empty_stack_does_not_widen_the_saved_state(implementation):
+    """cols is as wide as the largest matrix there is, as the fake says, whatever the empty stacks' n."""
+    stacks = [
+        make_logits(2, 3, 3).to(implementation.device),
+        torch.zeros(0, 7, 7, device=implementation.device),
+    ]
+    _, cols, _, _ = torch.ops.symkernels.sinkhorn(stacks, 2, 1.0, 0.0, "matrix", None, implementation.name)
+    assert cols.shape == (2, 2, 3)
+    torch.library.opcheck(
+        torch.ops.symkernels.sinkhorn.default, (stacks, 2, 1.0, 0.0, "matrix", None, implementation.name)
+    )
+
+
 def test_backward_state_is_order_t_times_n_per_matrix(implementation):
     batch, n, n_iter = 3, 9, 20
     logits = make_logits(batch, n, n).to(implementation.device).requires_grad_()

@@ -122,9 +122,11 @@ class _Triton:
 
 
 def _packed(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[int]]:
-    """The stacks as one contiguous buffer of matrices back to back, with their sizes and counts."""
+    """The stacks as one contiguous buffer of matrices back to back, with their sizes and counts. An empty
+    stack counts as n = 1, so that ``cols`` is as wide as the largest matrix, as on every other device."""
     flat = torch.cat([s.reshape(-1) for s in stacks]) if len(stacks) > 1 else stacks[0].reshape(-1)
-    return flat.contiguous(), [s.shape[-1] for s in stacks], [s.shape[0] for s in stacks]
+    sizes = [s.shape[-1] if s.shape[0] > 0 else 1 for s in stacks]
+    return flat.contiguous(), sizes, [s.shape[0] for s in stacks]
 
 
 def _unpacked(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -381,7 +383,5 @@ def grouped_sinkhorn(
         outputs, iterations = [p for p, _ in pairs], [i for _, i in pairs]
     else:
         outputs, flat_iterations = _run_op(checked, n_iter, tau, tol, stop, name)
-        if not return_iterations:
-            return outputs
-        iterations = list(flat_iterations.split([s.shape[0] for s in checked]))
+        iterations = list(flat_iterations.split([s.shape[0] for s in checked])) if return_iterations else []
     return (outputs, iterations) if return_iterations else outputs
