@@ -55,12 +55,17 @@ def check_square_stack(tensor: torch.Tensor, name: str, *, min_dim: int = 2) -> 
         raise ValueError(f"{name} must be square in its last two dimensions, got shape {tuple(tensor.shape)}")
 
 
+class NonFiniteInputError(ValueError):
+    """An input holds NaN or Inf (a training loop reads it as divergence)."""
+
+
 def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise on NaN/Inf. Reads one flag from the device (a host sync); callers may opt out."""
+    """Raise :class:`NonFiniteInputError` on NaN/Inf. Reads one flag from the device (a host sync); callers
+    may opt out."""
     if torch.compiler.is_compiling():
         return  # a data-dependent branch cannot be traced; compiled callers opt out implicitly
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(
+        raise NonFiniteInputError(
             f"{name} contains NaN or Inf; pass check_finite=False to skip this check "
             "(the output is then NaN wherever the input is not finite)"
         )

@@ -17,6 +17,7 @@ from symkernels.cli import main  # noqa: E402
 from symkernels.layerwise import LayerwiseConfig, train_layerwise  # noqa: E402
 from symkernels.layerwise import trainer as trainer_module  # noqa: E402
 from symkernels.layerwise.trainer import TIMING_KEYS, LayerwiseInterruptedError  # noqa: E402
+from symkernels.training.divergence import TrainingDivergedError  # noqa: E402
 
 TINY = {
     "task": "quadrant10",
@@ -71,6 +72,25 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path, monkeypatch, model):
     assert len(resumed.metrics["marglik"]) == 4  # burn-in 1, then after every epoch
     layers = resumed.final_layers
     assert all(abs(sum(p["share"] for p in layer["paths"].values()) - 1) < 1e-9 for layer in layers.values())
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, monkeypatch):
+    original_epoch = trainer_module._Trainer.train_epoch
+
+    def poisoned_in_epoch_2(self, stop):
+        if self.epoch == 1:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))  # as an overshooting step would leave it
+        return original_epoch(self, stop)
+
+    monkeypatch.setattr(trainer_module._Trainer, "train_epoch", poisoned_in_epoch_2)
+    run = tmp_path / "run"
+    expected = r"epoch 2: the training loss became NaN or Inf.* epoch 1 .* --lr \(this run's is 0.05\)"
+    with pytest.raises(TrainingDivergedError, match=expected):
+        train_layerwise(_config("fc-conv"), run, threads=1, quiet=True)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
 
 
 def test_a_folder_holding_something_else_is_refused_before_writing(tmp_path):

@@ -44,6 +44,7 @@ from symkernels.layerwise.sharing import SharingNetwork
 from symkernels.layerwise.tasks import TaskData, load_task
 from symkernels.training.checkpoint import atomic_write_text, save_checkpoint
 from symkernels.training.config import torch_threads
+from symkernels.training.divergence import check_finite
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
     derive_seed,
@@ -366,10 +367,24 @@ def train_layerwise(
         _say(quiet, _banner(trainer, resumed=trainer.epoch > 0))
         while trainer.epoch < config.epochs:
             record = trainer.train_epoch(stop)
+            check_finite(
+                record["train_loss"],
+                run_dir=paths.root,
+                epoch=record["epoch"],
+                what="the training loss",
+                advice=f"Start a new run with a smaller --lr (this run's is {config.lr:g}).",
+            )
             trainer.epoch = record["epoch"]
             trainer.history.append(record)
             if config.marglik_due(trainer.epoch):
                 step = trainer.marglik_step()
+                check_finite(
+                    step["log_marginal_likelihood"],
+                    run_dir=paths.root,
+                    epoch=trainer.epoch,
+                    what="log p(D|δ)",
+                    advice=f"Start a new run with a smaller --hyper-lr (this run's is {config.hyper_lr:g}).",
+                )
                 trainer.marglik.append(step)
                 _say(quiet, _marglik_line(step))
             trainer.save()

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from symkernels.training.config import DATASET_DEFAULTS, MODELS, RuntimeOptions, TrainConfig
+from symkernels.training.divergence import TrainingDivergedError
 from symkernels.training.interrupt import TrainingInterruptedError
 
 # The rest is imported on first use: it needs the command line's packages (scipy, tqdm, ...), which
@@ -43,6 +44,7 @@ __all__ = [
     "RuntimeOptions",
     "TrainConfig",
     "TrainResult",
+    "TrainingDivergedError",
     "TrainingInterruptedError",
     "evaluate",
     "export_run",

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from symkernels import backends
+from symkernels._checks import NonFiniteInputError
 from symkernels.models import parameter_counts
 from symkernels.training import distributed, report
 from symkernels.training.checkpoint import (
@@ -35,6 +36,7 @@ from symkernels.training.checkpoint import (
 from symkernels.training.config import RuntimeOptions, TrainConfig, torch_threads
 from symkernels.training.datasets import TrainData, prepare_data
 from symkernels.training.distributed import DistEnv
+from symkernels.training.divergence import TrainingDivergedError, check_finite
 from symkernels.training.factory import build_model, build_optimizer
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
@@ -187,9 +189,14 @@ class _Trainer:
                 index, params = index[self.shard], params.select(self.shard)
                 x = data.training_batch(index, params).to(device, config.torch_dtype)
                 y = data.train_labels[index].to(device)
-                loss, logits, norm, entropy = training_step(
-                    self.model, self.optimizer, x, y, config, net=self.net
-                )
+                try:
+                    loss, logits, norm, entropy = training_step(
+                        self.model, self.optimizer, x, y, config, net=self.net
+                    )
+                except NonFiniteInputError as error:  # the last step left NaN or Inf in the logits Θ
+                    raise TrainingDivergedError(
+                        self.paths.root, epoch, "the representation logits", _divergence_advice(config)
+                    ) from error
                 with torch.no_grad():
                     correct = (logits.argmax(dim=1) == y).sum()
                     # Models without weight-sharing layers return CPU zeros for the regularisers.
@@ -347,6 +354,13 @@ def _run(
             if distributed.any_across(stop.requested, env, device):
                 raise trainer._interrupted(stop)
             record = trainer.train_epoch(stop)
+            check_finite(
+                record["train_loss"],  # summed over the ranks: every rank stops alike
+                run_dir=plan.paths.root,
+                epoch=record["epoch"],
+                what="the training loss",
+                advice=_divergence_advice(config),
+            )
             trainer.history.append(record)
             trainer.epoch = record["epoch"]
             written = trainer.save()
@@ -394,6 +408,13 @@ def _epoch_line(record: dict[str, Any], epochs: int, trainer: _Trainer) -> str:
         best = report.best_elements(names, record["decomposition"]["lift"], rows)
         line += "  lift " + " ".join(f"{e['element']}:{e['assigned']} {e['mass']:.2f}" for e in best)
     return line
+
+
+def _divergence_advice(config: TrainConfig) -> str:
+    return (
+        f"Start a new run with a smaller --lr or --logits-lr (this run's: {config.lr:g}, "
+        f"{config.logits_lr:g})."
+    )
 
 
 def _say(runtime: RuntimeOptions, env: DistEnv, line: str) -> None:
