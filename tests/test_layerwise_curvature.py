@@ -124,9 +124,10 @@ def _expand_kfac_reference(model: nn.Module, module: nn.Module, x: torch.Tensor)
 )
 def test_shared_paths_get_the_expand_factors_averaged_over_every_instance(name, stride):
     torch.manual_seed(0)
-    path = make_path(name, 2, 3, 4, stride)
-    model = PathNet(path, 3 * (4 // stride) ** 2).double()
-    x, y = _data(5, (2, 4, 4))
+    lift = 4 if name == "gconv" else 1  # GCONV maps four copies of 2 channels to four of 3
+    path = make_path(name, 2 * lift, 3 * lift, 4, stride)
+    model = PathNet(path, 3 * lift * (4 // stride) ** 2).double()
+    x, y = _data(5, (2 * lift, 4, 4))
     curvature = fit_curvature(model, x, y, batch_size=5)
     factors = dict(zip(curvature.names, curvature.laplace.H_facs.kfacs, strict=True))
     modules = [(n, m) for n, m in path.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]

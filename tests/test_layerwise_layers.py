@@ -9,9 +9,9 @@ from symkernels.layerwise import (
     PAPER_BLOCKS,
     PATH_SETS,
     FactoredDensePath,
+    GroupConvPath,
     RelaxedBackbone,
     RelaxedLayer,
-    RotationConvPath,
     SharingLayer,
     SharingNetwork,
     SparseConvPath,
@@ -28,9 +28,11 @@ C_IN, C_OUT, SIZE, K = 3, 5, 8, 3
 def expected_parameters(name: str, c_in: int, c_out: int, size: int, stride: int) -> int:
     """The paper's parameter counts of each path, written out."""
     x_in, x_out = size * size, (size // stride) ** 2
+    if name == "gconv":  # one C → C' convolution shared by the four copies of the lifted G·C channels
+        return c_out // 4 * c_in // 4 * K * K + c_out // 4
     if name == "fc":
         return c_in * x_in * c_out * x_out + c_out * x_out
-    if name in ("conv", "gconv"):
+    if name == "conv":
         return c_out * c_in * K * K + c_out
     if name == "sconv":
         return c_out * c_in * 7 + c_out  # M = round(0.8·9) = 7 anchors
@@ -45,10 +47,16 @@ def expected_parameters(name: str, c_in: int, c_out: int, size: int, stride: int
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", PATHS)
 def test_each_path_has_the_papers_shape_and_parameter_count(name, stride):
-    path = make_path(name, C_IN, C_OUT, SIZE, stride)
-    y = path(torch.randn(2, C_IN, SIZE, SIZE))
-    assert y.shape == (2, C_OUT, SIZE // stride, SIZE // stride)
-    assert sum(p.numel() for p in path.parameters()) == expected_parameters(name, C_IN, C_OUT, SIZE, stride)
+    c_in, c_out = _channels(name)
+    path = make_path(name, c_in, c_out, SIZE, stride)
+    y = path(torch.randn(2, c_in, SIZE, SIZE))
+    assert y.shape == (2, c_out, SIZE // stride, SIZE // stride)
+    assert sum(p.numel() for p in path.parameters()) == expected_parameters(name, c_in, c_out, SIZE, stride)
+
+
+def _channels(name: str) -> tuple[int, int]:
+    """GCONV works on lifted maps: four copies of C_IN channels in, four of C_OUT out."""
+    return (4 * C_IN, 4 * C_OUT) if name == "gconv" else (C_IN, C_OUT)
 
 
 def test_anchor_counts_follow_the_fractions():
@@ -59,8 +67,9 @@ def test_anchor_counts_follow_the_fractions():
 
 def _backbone_count(in_channels: int, paths: tuple[str, ...], classes: int = 10) -> int:
     total, channels, size = 0, in_channels, 32
+    G = 4 if "gconv" in paths else 1  # every block of a backbone with GCONV maps lifted channels
     for mult, stride in PAPER_BLOCKS:
-        total += sum(expected_parameters(p, channels, 10 * mult, size, stride) for p in paths)
+        total += sum(expected_parameters(p, G * channels, G * 10 * mult, size, stride) for p in paths)
         channels, size = 10 * mult, size // stride
     assert (channels, size) == (160, 1)
     return total + (160 * 640 + 640) + (640 * classes + classes)
@@ -83,9 +92,10 @@ def test_the_papers_group_selection_backbone_runs_on_32x32():
 @pytest.mark.parametrize("name", ["ffc", "sfc", "gconv"])
 def test_training_and_curvature_forms_agree_in_value_and_gradient(name, stride):
     torch.manual_seed(0)
-    path = make_path(name, C_IN, C_OUT, SIZE, stride).double()
-    x = torch.randn(3, C_IN, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
-    probe = torch.randn(3, C_OUT, SIZE // stride, SIZE // stride, dtype=torch.float64)
+    c_in, c_out = _channels(name)
+    path = make_path(name, c_in, c_out, SIZE, stride).double()
+    x = torch.randn(3, c_in, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, c_out, SIZE // stride, SIZE // stride, dtype=torch.float64)
     fast = path(x)
     fast_grads = torch.autograd.grad((fast * probe).sum(), [x, *path.parameters()])
     with curvature_form(path):
@@ -137,22 +147,40 @@ def test_factored_fc_is_a_rank_one_spatial_map_per_channel_pair(sparse):
     assert torch.linalg.matrix_rank(path.dense_weight().reshape(C_OUT, 9, C_IN, 36)[1, :, 2, :]) == 1
 
 
-def test_group_conv_path_is_rotation_equivariant_and_pools_the_rotated_filters():
-    path = RotationConvPath(C_IN, C_OUT, SIZE).double()
-    x = torch.randn(2, C_IN, SIZE, SIZE, dtype=torch.float64)
-    torch.testing.assert_close(path(torch.rot90(x, 1, (-2, -1))), torch.rot90(path(x), 1, (-2, -1)))
+def test_group_conv_path_convolves_every_copy_with_one_filter_and_commutes_with_the_copies_shift():
+    path = GroupConvPath(4 * C_IN, 4 * C_OUT, SIZE).double()
+    x = torch.randn(2, 4 * C_IN, SIZE, SIZE, dtype=torch.float64)
     W = path.linear.weight.reshape(C_OUT, C_IN, K, K)
-    rotated = [F.conv2d(circular_pad(x, K), torch.rot90(W, g, (-2, -1)), path.linear.bias) for g in range(4)]
-    torch.testing.assert_close(path(x), torch.stack(rotated).amax(dim=0))
+    copies = [F.conv2d(circular_pad(c, K), W, path.linear.bias) for c in x.split(C_IN, dim=1)]
+    torch.testing.assert_close(path(x), torch.cat(copies, dim=1))
+    shifted = torch.roll(x, C_IN, dims=1)  # what a quarter turn of the image does to its lifted copies
+    torch.testing.assert_close(path(shifted), torch.roll(path(x), C_OUT, dims=1))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        GroupConvPath(C_IN, 4 * C_OUT, SIZE)
+
+
+def test_a_backbone_of_group_convolutions_is_invariant_to_quarter_turns_and_the_others_are_not():
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    turned = torch.rot90(x, 1, (-2, -1))
+    blocks = parse_blocks("1:1,2:2,2:2")
+    for paths, invariant in ((("gconv",), True), (PATH_SETS["groups"], False)):
+        model = RelaxedBackbone(1, 10, size=16, width=2, blocks=blocks, paths=paths).double()
+        assert model.group_size == 4 and model.blocks[0].paths["gconv"].in_channels == 4
+        if invariant:
+            torch.testing.assert_close(model(turned), model(x))
+        else:  # CONV and F-FC mix the copies without tying their weights
+            assert (model(turned) - model(x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["conv", "sconv", "gconv"])
 def test_strided_paths_keep_every_other_position_and_follow_even_shifts(name):
     torch.manual_seed(0)
-    strided = make_path(name, C_IN, C_OUT, SIZE, 2).double()
-    full = make_path(name, C_IN, C_OUT, SIZE, 1).double()
+    c_in, c_out = _channels(name)
+    strided = make_path(name, c_in, c_out, SIZE, 2).double()
+    full = make_path(name, c_in, c_out, SIZE, 1).double()
     full.load_state_dict(strided.state_dict())
-    x = torch.randn(2, C_IN, SIZE, SIZE, dtype=torch.float64)
+    x = torch.randn(2, c_in, SIZE, SIZE, dtype=torch.float64)
     torch.testing.assert_close(strided(x), full(x)[..., ::2, ::2])
     with curvature_form(strided):
         torch.testing.assert_close(strided(x), full(x)[..., ::2, ::2])

@@ -44,7 +44,7 @@ def _without_timings(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-@pytest.mark.parametrize("model", ["fc-conv", "sharing"])
+@pytest.mark.parametrize("model", ["fc-conv", "groups", "sharing"])
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path, monkeypatch, model):
     config = _config(model)
     straight = train_layerwise(config, tmp_path / "straight", threads=1, quiet=True)

@@ -8,7 +8,7 @@ learns an ordinary linear map on the result, so the library's factors of that ma
 Convolutions pad circularly with an explicit ``F.pad`` and run with ``padding=0``: the curvature libraries
 ignore ``padding_mode="circular"`` and would compute the input factor of zero-padded patches.
 
-Some paths have a second, faster form for training (an ordinary convolution with rotated filters, two
+Some paths have a second, faster form for training (an ordinary convolution of the group copies, two
 einsums): :func:`curvature_form` switches them to the Linear/Conv2d form while the curvature is computed.
 Both forms compute the same function.
 
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from symkernels._checks import check_int
-from symkernels.groups import rotation_permutations
 from symkernels.layerwise.interpolation import anchor_count, grid_points, random_anchors, rbf_interpolation
 
 PATHS = ("fc", "conv", "ffc", "sconv", "sfc", "gconv")
@@ -285,25 +284,38 @@ class FactoredDensePath(_Path, TwoFormModule):
         return torch.einsum("ydc,dcx->dycx", V, U).reshape(c_out * V.shape[0], c_in * U.shape[-1])
 
 
-class RotationConvPath(_Path, TwoFormModule):
-    """GCONV: a C4 group convolution on the 4× lifted input, max over the group.
+class GroupConvPath(_Path, TwoFormModule):
+    """GCONV: one circular convolution shared by the |G| copies of a group-lifted input.
 
-    Output ``y[c'] = max_g Σ W[c', c, P_g n] p[c, n]``: the convolution with the filter rotated by each
-    quarter turn, pooled over the rotations, so rotating the input by 90° rotates the output. The rotated
-    patches ``[B, H·W, 4, C·k²]`` feed one ``nn.Linear(C·k² → C')`` whose weight is shared over positions and
-    rotations (the library's input factor averages over both). The training form convolves with the four
-    rotated filters at once.
+    A backbone with this path lifts its input to the four quarter turns of the image, ``[B, G·C, H, W]``
+    with copy ``g`` (channels ``g·C … g·C + C − 1``) holding ``rot90(x, g)``, and max-pools over the copies at
+    its end. This path applies the same ``C → C'`` convolution to every copy, so it commutes with the cyclic
+    shift of the copies that rotating the image by 90° causes: a network of GCONV paths is exactly invariant
+    to quarter turns. It is CONV (which sees the ``G·C`` channels as one map) with its weights tied across
+    the copies: |G|² times fewer parameters, each one fitted on |G| times as many patches.
+
+    Curvature form: one ``nn.Linear(C·k² → C')`` on the patches ``[B, G·L, C·k²]`` of all copies and
+    positions (the library's input factor averages over both).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, size: int, stride: int = 1, kernel_size: int = 3
+        self,
+        in_channels: int,
+        out_channels: int,
+        size: int,
+        stride: int = 1,
+        kernel_size: int = 3,
+        group_size: int = 4,
     ) -> None:
         super().__init__(in_channels, out_channels, size, stride)
+        self.group_size = G = check_int("group_size", group_size)
+        if in_channels % G or out_channels % G:
+            raise ValueError(
+                f"GCONV maps lifted channels G·C → G·C' with G = {G}: in_channels and out_channels must be "
+                f"multiples of {G}, got {in_channels} and {out_channels}"
+            )
         self.kernel_size = k = check_int("kernel_size", kernel_size)
-        # rotation_permutations(k)[g] @ w.flatten() == rot90(w, g).flatten(): the source index of each entry.
-        sources = rotation_permutations(k).argmax(dim=-1)  # [4, k²]
-        self.register_buffer("sources", sources, persistent=False)
-        self.linear = nn.Linear(in_channels * k * k, out_channels)
+        self.linear = nn.Linear(in_channels // G * k * k, out_channels // G)
         self.reset_parameters()
 
     def reset_parameters(self, gain: float = math.sqrt(2)) -> None:
@@ -311,28 +323,17 @@ class RotationConvPath(_Path, TwoFormModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        G, k, batch = self.group_size, self.kernel_size, len(x)
+        copies = x.reshape(batch * G, self.in_channels // G, self.size, self.size)
         if self.in_curvature_form:
-            patches = circular_patches(x, self.kernel_size, self.stride)  # [B, C, k², L]
-            lifted = patches[:, :, self.sources]  # [B, C, 4, k², L]
-            lifted = lifted.permute(0, 4, 2, 1, 3).flatten(3)  # [B, L, 4, C·k²]
-            y = self.linear(lifted).amax(dim=2)  # [B, L, C']
-            return y.transpose(1, 2).reshape(len(x), self.out_channels, self.out_size, self.out_size)
-        y = F.conv2d(
-            circular_pad(x, self.kernel_size),
-            self.rotated_filters(),
-            self.linear.bias.repeat(4),
-            stride=self.stride,
-        )
-        return y.unflatten(1, (4, self.out_channels)).amax(dim=1)
-
-    def rotated_filters(self) -> torch.Tensor:
-        """``[4·C', C, k, k]``: filter ``g`` reads the patch entry ``sources[g, n]`` at position ``n``."""
-        k = self.kernel_size
-        weight = self.linear.weight.reshape(self.out_channels, self.in_channels, k * k)
-        inverse = torch.argsort(self.sources, dim=1)  # Σ_n W[n] p[src(n)] = Σ_m W[src⁻¹(m)] p[m]
-        return (
-            weight[:, :, inverse].permute(2, 0, 1, 3).reshape(4 * self.out_channels, self.in_channels, k, k)
-        )
+            patches = circular_patches(copies, k, self.stride)  # [B·G, C, k², L]
+            patches = patches.flatten(1, 2).transpose(1, 2).reshape(batch, -1, self.linear.in_features)
+            y = self.linear(patches)  # [B, G·L, C']
+            y = y.reshape(batch, G, -1, self.linear.out_features).transpose(2, 3)
+        else:
+            weight = self.linear.weight.reshape(-1, self.in_channels // G, k, k)
+            y = F.conv2d(circular_pad(copies, k), weight, self.linear.bias, stride=self.stride)
+        return y.reshape(batch, self.out_channels, self.out_size, self.out_size)
 
 
 def make_path(
@@ -344,8 +345,9 @@ def make_path(
     *,
     kernel_size: int = 3,
     generator: torch.Generator | None = None,
+    group_size: int = 4,
 ) -> _Path:
-    """The path called ``name`` (one of :data:`PATHS`)."""
+    """The path called ``name`` (one of :data:`PATHS`); ``group_size`` is the lifted group's order (GCONV)."""
     if name == "fc":
         return DensePath(in_channels, out_channels, size, stride)
     if name == "conv":
@@ -366,7 +368,7 @@ def make_path(
     if name == "sconv":
         return SparseConvPath(in_channels, out_channels, size, stride, kernel_size, generator=generator)
     if name == "gconv":
-        return RotationConvPath(in_channels, out_channels, size, stride, kernel_size)
+        return GroupConvPath(in_channels, out_channels, size, stride, kernel_size, group_size)
     raise ValueError(f"path must be one of {list(PATHS)}, got {name!r}")
 
 
@@ -387,6 +389,7 @@ class RelaxedLayer(nn.Module):
         *,
         kernel_size: int = 3,
         generator: torch.Generator | None = None,
+        group_size: int = 4,
     ) -> None:
         super().__init__()
         if isinstance(paths, str) or not paths or len(set(paths)) != len(paths):
@@ -403,6 +406,7 @@ class RelaxedLayer(nn.Module):
                     stride,
                     kernel_size=kernel_size,
                     generator=generator,
+                    group_size=group_size,
                 )
                 for name in paths
             }
