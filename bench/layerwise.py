@@ -1,6 +1,6 @@
 """Where the marginal-likelihood step spends its time: one KFAC fit plus the hypersteps, against one epoch.
 
-    python bench/layerwise.py [--threads 1] [--model groups] [--images 1000] [--repeats 3]
+    python bench/layerwise.py [--threads 1] [--model groups] [--width 2] [--images 1000] [--repeats 3]
 
 On the backbone of the layer-wise experiments (16×16 real digits, rotated), times the median of ``--repeats``
 rounds of: one training epoch (SGD steps, the fast form of every path), one curvature fit over the same
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+if str(ROOT) not in sys.path:  # `python bench/layerwise.py` puts bench/, not the repository, on the path
+    sys.path.insert(0, str(ROOT))
 
-from run import _commit  # noqa: E402  (the benchmark suite's commit helper)
-
+from bench.environment import commit  # noqa: E402
 from symkernels.layerwise import LayerwiseConfig, fit_curvature, prior_parameters  # noqa: E402
 from symkernels.layerwise.tasks import load_task  # noqa: E402
 from symkernels.layerwise.trainer import build_model  # noqa: E402
@@ -80,6 +80,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="groups")
+    parser.add_argument(
+        "--width", type=int, default=2, help="α (2: the layer-wise experiments of the README)"
+    )
     parser.add_argument("--task", default="rotated")
     parser.add_argument("--source", default="mnist5k")
     parser.add_argument("--images", type=int, default=1000)
@@ -88,7 +91,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     config = LayerwiseConfig.create(
-        model=args.model, task=args.task, source=args.source, train_limit=args.images, test_limit=10
+        model=args.model,
+        task=args.task,
+        source=args.source,
+        width=args.width,
+        train_limit=args.images,
+        test_limit=10,
     )
     task = load_task(config.task, config.source, config.size, train_limit=args.images, test_limit=10)
     images, labels = task.train_images, task.train_labels
@@ -133,7 +141,7 @@ def main() -> int:
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
     }
     from importlib.metadata import version
 

@@ -258,3 +258,15 @@ def test_op_scripts_run_as_files(tmp_path):
     subprocess.run(command, cwd=harness.ROOT, check=True, capture_output=True, timeout=300)
     _, rows = harness.read_records(out)
     assert [(row["id"], row["status"]) for row in rows] == [("sinkhorn/reference/fwd/mnist-wscnn/init", "ok")]
+
+
+@pytest.mark.parametrize(
+    ("script", "needs"), [("busy_machine.py", ()), ("recovery.py", ()), ("layerwise.py", ("tqdm",))]
+)
+def test_experiment_scripts_start_as_files(script, needs):
+    for module in needs:
+        pytest.importorskip(module, reason=f"bench/{script} needs {module}")
+    command = [sys.executable, f"bench/{script}", "--help"]
+    result = subprocess.run(command, cwd=harness.ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script}")

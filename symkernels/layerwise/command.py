@@ -22,7 +22,13 @@ _CONFIG_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--model", {"choices": MODELS, "help": "relaxed layers (default groups: F-FC / CONV / GCONV)"}),
     ("--stack", {"choices": STACKS, "help": "sharing model: learned soft permutations or exact C4"}),
     ("--size", {"type": int, "help": "image size (default 16)"}),
-    ("--width", {"type": int, "help": "α: block channels are multiples of it (default 4)"}),
+    (
+        "--width",
+        {
+            "type": int,
+            "help": "α: block channels are multiples of it, per lifted copy for groups (default 4)",
+        },
+    ),
     (
         "--blocks",
         {
