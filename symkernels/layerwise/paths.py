@@ -2,8 +2,9 @@
 
 Every path maps ``[B, C, H, W]`` to ``[B, C', H/s, W/s]`` and keeps all its parameters in ``nn.Linear`` and
 ``nn.Conv2d`` modules, because the Kronecker-factored curvature libraries only know those two: a structured
-path applies its fixed structure to the input (a projection, a block-diagonal layout, rotated patches) and
-learns an ordinary linear map on the result, so the library's factors of that map are the path's factors.
+path applies its fixed structure to the input (a projection, a block-diagonal layout, the patches of every
+lifted copy) and learns an ordinary linear map on the result, so the library's factors of that map are the
+path's factors.
 
 Convolutions pad circularly with an explicit ``F.pad`` and run with ``padding=0``: the curvature libraries
 ignore ``padding_mode="circular"`` and would compute the input factor of zero-padded patches.
