@@ -44,7 +44,7 @@ from symkernels.layerwise.sharing import SharingNetwork
 from symkernels.layerwise.tasks import TaskData, load_task
 from symkernels.training.checkpoint import atomic_write_text, save_checkpoint
 from symkernels.training.config import torch_threads
-from symkernels.training.divergence import check_finite
+from symkernels.training.divergence import stop_if_diverged
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
     derive_seed,
@@ -367,7 +367,7 @@ def train_layerwise(
         _say(quiet, _banner(trainer, resumed=trainer.epoch > 0))
         while trainer.epoch < config.epochs:
             record = trainer.train_epoch(stop)
-            check_finite(
+            stop_if_diverged(
                 record["train_loss"],
                 run_dir=paths.root,
                 epoch=record["epoch"],
@@ -378,7 +378,7 @@ def train_layerwise(
             trainer.history.append(record)
             if config.marglik_due(trainer.epoch):
                 step = trainer.marglik_step()
-                check_finite(
+                stop_if_diverged(
                     step["log_marginal_likelihood"],
                     run_dir=paths.root,
                     epoch=trainer.epoch,

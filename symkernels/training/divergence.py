@@ -18,7 +18,7 @@ class TrainingDivergedError(RuntimeError):
         )
 
 
-def check_finite(value: float, *, run_dir: str | Path, epoch: int, what: str, advice: str) -> None:
+def stop_if_diverged(value: float, *, run_dir: str | Path, epoch: int, what: str, advice: str) -> None:
     """Raise :class:`TrainingDivergedError` unless ``value`` is finite."""
     if not math.isfinite(value):
         raise TrainingDivergedError(run_dir, epoch, what, advice)

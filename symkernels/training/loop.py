@@ -36,7 +36,7 @@ from symkernels.training.checkpoint import (
 from symkernels.training.config import RuntimeOptions, TrainConfig, torch_threads
 from symkernels.training.datasets import TrainData, prepare_data
 from symkernels.training.distributed import DistEnv
-from symkernels.training.divergence import TrainingDivergedError, check_finite
+from symkernels.training.divergence import TrainingDivergedError, stop_if_diverged
 from symkernels.training.factory import build_model, build_optimizer
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
@@ -354,7 +354,7 @@ def _run(
             if distributed.any_across(stop.requested, env, device):
                 raise trainer._interrupted(stop)
             record = trainer.train_epoch(stop)
-            check_finite(
+            stop_if_diverged(
                 record["train_loss"],  # summed over the ranks: every rank stops alike
                 run_dir=plan.paths.root,
                 epoch=record["epoch"],
