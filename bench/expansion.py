@@ -4,7 +4,10 @@
 
 At the paper's layer shapes, as the models call it: the identity fixed (``leading_identity=True``, 3 learned
 matrices of a C4 stack). Providers: the eager reference (the identity concatenated, then one einsum) and every
-native backend that serves the device (``symkernels.expand_kernel``); float32, and bfloat16 on a GPU.
+native backend that serves the device (``symkernels.expand_kernel``); float32, and bfloat16 on a GPU. On a GPU
+the regime ``channels_last-bf16`` is what a mixed-precision convolution on channels_last activations asks for:
+float32 reps and weight, the kernel written channels_last in bfloat16 (the reference computes it, then copies
+it into that layout and dtype) and its gradient read back in that form.
 """
 
 from __future__ import annotations
@@ -37,10 +40,17 @@ SHAPES = {
 }
 QUICK_SHAPES = ("mnist-lift", "mnist-gconv")
 REFERENCE = "reference"
+# The kernel a mixed-precision convolution on channels_last activations takes.
+CONV_READY = "channels_last-bf16"
 
 
-def make_closure(provider: str, workload: str, mode: str, dtype: str, device: str) -> Callable[[], Closure]:
+def make_closure(
+    provider: str, workload: str, mode: str, dtype: str, device: str, regime: str | None = None
+) -> Callable[[], Closure]:
     out_channels, in_channels, groups, in_groups, k = SHAPES[workload]
+    conv_ready = regime == CONV_READY
+    layout = torch.channels_last if conv_ready else torch.contiguous_format
+    kernel_dtype = torch.bfloat16 if conv_ready else getattr(torch, dtype)
 
     def make() -> Closure:
         d = in_groups * k * k
@@ -55,12 +65,21 @@ def make_closure(provider: str, workload: str, mode: str, dtype: str, device: st
         if provider == REFERENCE:
 
             def forward() -> torch.Tensor:
-                return expand_kernel_reference(prepend_identity(reps), weight, k)
+                kernel = expand_kernel_reference(prepend_identity(reps), weight, k)
+                return kernel.to(kernel_dtype, memory_format=layout) if conv_ready else kernel
 
         else:
 
             def forward() -> torch.Tensor:
-                return symkernels.expand_kernel(reps, weight, k, leading_identity=True, backend=provider)
+                return symkernels.expand_kernel(
+                    reps,
+                    weight,
+                    k,
+                    leading_identity=True,
+                    channels_last=conv_ready,
+                    dtype=kernel_dtype,
+                    backend=provider,
+                )
 
         if not backward:
 
@@ -71,20 +90,26 @@ def make_closure(provider: str, workload: str, mode: str, dtype: str, device: st
             return no_grad
         with torch.no_grad():
             grad = torch.randn(forward().shape, generator=generator).to(weight)
+            grad = grad.to(kernel_dtype, memory_format=layout)
         return lambda: torch.autograd.grad(forward(), (reps, weight), grad)
 
     return make
 
 
 def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
-    dtypes = ("float32", "bfloat16") if torch.device(device).type == "cuda" else ("float32",)
+    on_gpu = torch.device(device).type == "cuda"
+    # (dtype of reps and weight, regime)
+    variants = [("float32", None)]
+    if on_gpu:
+        variants += [("bfloat16", None), ("float32", CONV_READY)]
     out = []
     for workload in QUICK_SHAPES if quick else tuple(SHAPES):
         out_channels, in_channels, groups, in_groups, k = SHAPES[workload]
         d = in_groups * k * k
         for mode in MODES:
-            for dtype in dtypes:
+            for dtype, regime in variants:
                 size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+                kernel_size = 2 if regime == CONV_READY else size
                 for provider in [*native_backends(device), REFERENCE]:
                     out.append(
                         Case(
@@ -92,9 +117,10 @@ def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
                             workload=workload,
                             mode=mode,
                             provider=provider,
+                            regime=regime,
                             dtype=dtype,
                             device=device,
-                            make=make_closure(provider, workload, mode, dtype, device),
+                            make=make_closure(provider, workload, mode, dtype, device, regime),
                             requires=(
                                 lambda p=provider: (
                                     None if p == REFERENCE else backend_reason(p, device, "expand_kernel")
@@ -110,8 +136,8 @@ def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
                                     "k": k,
                                 },
                                 # Read reps and weight, write the kernel, once.
-                                "bytes_moved": size
-                                * ((groups - 1) * d * d + out_channels * in_channels * d * (1 + groups)),
+                                "bytes_moved": size * ((groups - 1) * d * d + out_channels * in_channels * d)
+                                + kernel_size * out_channels * in_channels * d * groups,
                             },
                         )
                     )

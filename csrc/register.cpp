@@ -64,9 +64,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cols"), py::arg("domain"), py::arg("iterations"), py::arg("tau"),
         "The exact vector-Jacobian product of the iterations sinkhorn_forward ran: one gradient per stack.");
   m.def("expand_forward", &symkernels::expand_forward, no_gil, py::arg("reps"), py::arg("weight"),
-        py::arg("kernel_size"), py::arg("leading_identity"),
-        "reps [G', d, d], weight [O, I, d] -> kernel [O*G, I*G_in, k, k] of the stack [I_d (if leading_identity), "
-        "reps...].");
+        py::arg("kernel_size"), py::arg("leading_identity"), py::arg("kernel"),
+        "reps [G', d, d], weight [O, I, d] -> writes kernel [O*G, I*G_in, k, k] (contiguous or channels_last) of the "
+        "stack [I_d (if leading_identity), reps...].");
   m.def("expand_backward", &symkernels::expand_backward, no_gil, py::arg("grad_kernel"), py::arg("reps"),
         py::arg("weight"), py::arg("kernel_size"), py::arg("leading_identity"),
         "grad_kernel [O*G, I*G_in, k, k] -> (grad_reps [G', d, d], grad_weight [O, I, d]).");

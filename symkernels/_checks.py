@@ -20,6 +20,17 @@ def check_floating(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_kernel_dtype(dtype: object, name: str) -> torch.dtype:
+    """The dtype of an expanded kernel: one the convolutions compute in."""
+    if dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d) for d in KERNEL_DTYPES)
+        raise TypeError(f"{name} must be one of {names}, got {dtype!r}")
+    return dtype
+
+
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """An integer (bools refused, numpy integers accepted) of at least ``minimum``, as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -88,10 +88,33 @@ def permuted_conv2d(
             )
     check_same_device({"x": x, "reps": reps, "weight": weight, "bias": bias})
     check_same_dtype({"x": x, "reps": reps, "weight": weight, "bias": bias})
-    kernel = expand_kernel(reps, weight, kernel_size, leading_identity=leading_identity, backend=backend)
+    conv_input = x.flatten(1, 2) if x.dim() == 5 else x
+    # The kernel comes in the layout and dtype the convolution computes in: it is neither copied nor cast.
+    kernel = expand_kernel(
+        reps,
+        weight,
+        kernel_size,
+        leading_identity=leading_identity,
+        channels_last=_is_channels_last(conv_input),
+        dtype=_convolution_dtype(conv_input, weight),
+        backend=backend,
+    )
     # The convolution itself stays with cuDNN/ATen: it is compute-bound and already fast.
-    y = F.conv2d(x.flatten(1, 2) if x.dim() == 5 else x, kernel, stride=stride, padding=padding)
+    y = F.conv2d(conv_input, kernel, stride=stride, padding=padding)
     y = y.unflatten(1, (out_channels, reps.shape[0] + int(leading_identity)))
     if bias is not None:
         y = y + bias.reshape(-1, 1, 1, 1)
     return y
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is channels_last: the convolution then computes in that layout, kernel included."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _convolution_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.conv2d`` computes in: autocast's where it is on (except float64), else weight's."""
+    device = x.device.type
+    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype

@@ -47,7 +47,9 @@ def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
     assert sinkhorn[0]["mode"] == "fwd+bwd" and sinkhorn[0]["workload"] == "mnist-wscnn"
     assert cases[-1]["section"] == "compiled"
     expansion = Counter(c["provider"] for c in cases if c["section"] == "expansion")
-    assert expansion == {"cuda": 24, "triton": 24, "reference": 24}
+    assert expansion == {"cuda": 36, "triton": 36, "reference": 36}
+    conv_ready = [c for c in cases if c["section"] == "expansion" and c["regime"] == "channels_last-bf16"]
+    assert len(conv_ready) == 36 and all(c["dtype"] == "float32" for c in conv_ready)
     steps = {c["id"] for c in cases if c["section"] == "train-step"}
     assert {
         "train-step/ws-triton/train-step/mnist-wscnn",

@@ -199,23 +199,41 @@ def expansion_inputs(learned, in_groups, k, out_channels, in_channels, seed=0):
     return reps[:learned], weight
 
 
-def check_expansion(emulated, reps64, weight64, k, dtype, leading_identity, split_rows=0):
-    """The emulated kernel and both gradients, as accurate (vs float64) as the same-dtype reference."""
+def check_expansion(
+    emulated,
+    reps64,
+    weight64,
+    k,
+    dtype,
+    leading_identity,
+    split_rows=0,
+    *,
+    channels_last=False,
+    kernel_dtype=None,
+):
+    """The emulated kernel and both gradients, as accurate (vs float64) as the same-dtype reference. The
+    kernel is written, and its gradient read, in ``kernel_dtype`` (default: ``dtype``), channels_last or
+    contiguous."""
+    kernel_dtype = kernel_dtype or dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     reps64, weight64 = reps64.clone().requires_grad_(), weight64.clone().requires_grad_()
     stack = prepend_identity if leading_identity else (lambda r: r)
     truth = expand_kernel_reference(stack(reps64), weight64, k)
-    grad = make_logits(*truth.shape, dtype=torch.float64, seed=11).to(dtype)
+    grad = make_logits(*truth.shape, dtype=torch.float64, seed=11).to(kernel_dtype)
     truth_grads = torch.autograd.grad(truth, (reps64, weight64), grad.to(torch.float64))
     low = [t.detach().to(dtype).requires_grad_() for t in (reps64, weight64)]
     expected = expand_kernel_reference(stack(low[0]), low[1], k)
-    expected_grads = torch.autograd.grad(expected, low, grad)
+    expected_grads = torch.autograd.grad(expected, low, grad.to(dtype))
 
-    out_channels, in_channels, d = weight64.shape
-    grouped = grad.reshape(out_channels, -1, in_channels, d).contiguous()
-    kernel = emulated.expand_forward(low[0].detach(), low[1].detach(), leading_identity)
-    grads = emulated.expand_backward(grouped, low[0].detach(), low[1].detach(), leading_identity, split_rows)
-    assert kernel.dtype == dtype and not kernel.isnan().any(), "a kernel element was not written"
-    assert_as_accurate_as_reference(kernel.reshape(truth.shape), expected.detach(), truth.detach())
+    kernel = torch.full(truth.shape, float("nan"), dtype=kernel_dtype).contiguous(memory_format=layout)
+    emulated.expand_forward(low[0].detach(), low[1].detach(), leading_identity, kernel)
+    grads = emulated.expand_backward(
+        grad.contiguous(memory_format=layout), low[0].detach(), low[1].detach(), leading_identity, split_rows
+    )
+    assert kernel.is_contiguous(memory_format=layout) and not kernel.isnan().any(), (
+        "a kernel element was not written"
+    )
+    assert_as_accurate_as_reference(kernel, expected.detach().to(kernel_dtype), truth.detach())
     for got, want, exact in zip(grads, expected_grads, truth_grads, strict=True):
         assert got.dtype == dtype and not got.isnan().any(), "a gradient element was not written"
         assert_as_accurate_as_reference(got, want, exact)
@@ -231,13 +249,43 @@ def test_emulated_expansion_matches_reference(emulated, shape):
             check_expansion(emulated, reps, weight, shape[2], dtype, leading_identity)
 
 
+# I·G_in > 1 in each: with one input channel, channels_last and contiguous are the same memory.
+CHANNELS_LAST_SHAPES = [(4, 1, 3, 2, 2), (1, 4, 3, 1, 3), (4, 4, 3, 2, 2), (3, 1, 5, 8, 3), (1, 2, 3, 13, 10),
+                        (2, 1, 3, 35, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=lambda s: "G{}-Gin{}-k{}-O{}-I{}".format(*s))
+def test_emulated_expansion_writes_and_reads_channels_last(emulated, shape):
+    """A channels_last kernel (written through the transposed tile) and gradient (staged along the rows),
+    with row tiles cut at their edge (O·I = 70 and 130) and input groups interleaved with the channels
+    (G_in = 2, 4)."""
+    assert shape[1] * shape[4] > 1
+    reps, weight = expansion_inputs(*shape, seed=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for leading_identity in (False, True):
+            check_expansion(emulated, reps, weight, shape[2], dtype, leading_identity, channels_last=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernel_dtype", [torch.float16, torch.bfloat16])
+def test_emulated_expansion_in_the_convolutions_dtype(emulated, kernel_dtype, channels_last):
+    """float32 reps and weight, the kernel and its gradient in the half type of an autocast convolution: the
+    kernel as accurate as the float32 one rounded once, the gradients as accurate as float32 ones."""
+    reps, weight = expansion_inputs(3, 2, 3, 5, 3, seed=8)
+    for leading_identity in (False, True):
+        check_expansion(
+            emulated, reps, weight, 3, torch.float32, leading_identity,
+            channels_last=channels_last, kernel_dtype=kernel_dtype,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("split_rows", [16, 32, 48])
 def test_emulated_expansion_sums_split_reductions_in_order(emulated, split_rows):
     """The grad_reps reduction over (o, i) cut into runs (the last one short) summed by the second kernel: the
     same gradient, and the same bits on every call."""
     reps, weight = expansion_inputs(2, 1, 3, 7, 11, seed=4)
     check_expansion(emulated, reps, weight, 3, torch.float32, True, split_rows=split_rows)
-    grad = make_logits(7, 3, 11, 9, seed=5)
+    grad = make_logits(7 * 3, 11, 3, 3, seed=5)
     args = (grad, reps.float(), weight.float(), True, split_rows)
     first = emulated.expand_backward(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, emulated.expand_backward(*args), strict=True))
@@ -252,10 +300,12 @@ def test_emulated_expansion_matches_the_native_cpu_kernels(emulated):
     reps, weight = (t.float() for t in expansion_inputs(3, 4, 3, 5, 4, seed=6))
     grad = make_logits(5 * 4, 4 * 4, 3, 3, seed=7)
     library = _native.library()
-    want = library.expand_forward(reps, weight, 3, True)
+    want = torch.empty(5 * 4, 4 * 4, 3, 3)
+    library.expand_forward(reps, weight, 3, True, want)
     want_grads = library.expand_backward(grad, reps, weight, 3, True)
-    got = emulated.expand_forward(reps, weight, True)
-    got_grads = emulated.expand_backward(grad.reshape(5, 4, 4, 36), reps, weight, True, 0)
-    torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+    got = torch.full_like(want, float("nan"))
+    emulated.expand_forward(reps, weight, True, got)
+    got_grads = emulated.expand_backward(grad, reps, weight, True, 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

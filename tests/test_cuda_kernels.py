@@ -221,12 +221,12 @@ def expansion_inputs(learned, in_groups, k, out_channels, in_channels, seed=0):
     return reps, weight, grad
 
 
-def expand_native(reps, weight, grad, k):
+def expand_native(reps, weight, grad, k, *, memory_format=torch.contiguous_format):
+    """The native kernel (written in ``memory_format``, in reps' dtype) and both gradients."""
     library = _native.library()
-    return (
-        library.expand_forward(reps, weight, k, True),
-        *library.expand_backward(grad, reps, weight, k, True),
-    )
+    kernel = torch.empty(grad.shape, dtype=reps.dtype, device=reps.device, memory_format=memory_format)
+    library.expand_forward(reps, weight, k, True, kernel)
+    return (kernel, *library.expand_backward(grad, reps, weight, k, True))
 
 
 @pytest.mark.parametrize("shape", EXPANSION_SHAPES, ids=["gconv-split", "lift", "identity"])
@@ -235,8 +235,13 @@ def test_expansion_matches_the_native_cpu_kernels(shape):
     want = expand_native(reps, weight, grad, shape[2])
     got = expand_native(reps.cuda(), weight.cuda(), grad.cuda(), shape[2])
     strided = expand_native(
-        reps.cuda(), weight.cuda(), grad.cuda().contiguous(memory_format=torch.channels_last), shape[2]
+        reps.cuda(),
+        weight.cuda(),
+        grad.cuda().contiguous(memory_format=torch.channels_last),
+        shape[2],
+        memory_format=torch.channels_last,
     )
+    assert strided[0].is_contiguous(memory_format=torch.channels_last)
     for a, b, c in zip(got, want, strided, strict=True):
         # Sums of up to 4096 terms in another order: float32 rounding relative to the result's scale.
         scale = max(1.0, b.abs().max().item())
@@ -314,8 +319,12 @@ def test_expansion_torch_compile_fullgraph():
 @pytest.mark.parametrize("shape", EXPANSION_SHAPES, ids=["gconv-split", "lift", "identity"])
 def test_expansion_sanitizer_workload(shape):
     """A forward and backward per launch shape of the expansion kernels, for compute-sanitizer: tiles cut at
-    every edge, the split grad_reps reduction and its sum, the identity alone."""
+    every edge, the split grad_reps reduction and its sum, the identity alone; contiguous and channels_last
+    (the transposed store through shared memory)."""
     reps, weight, grad = (t.cuda() for t in expansion_inputs(*shape, seed=10))
-    out = expand_native(reps, weight, grad, shape[2])
-    torch.cuda.synchronize()
-    assert all(bool(t.isfinite().all()) for t in out)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = expand_native(
+            reps, weight, grad.contiguous(memory_format=layout), shape[2], memory_format=layout
+        )
+        torch.cuda.synchronize()
+        assert all(bool(t.isfinite().all()) for t in out)

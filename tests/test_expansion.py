@@ -1,7 +1,8 @@
 """``symkernels::expand_kernel``: each implementation (native CPU, Triton, native CUDA) against the reference.
 
 Output and both gradients for the paper's layer shapes and edge shapes, with and without the leading identity,
-strided gradients, determinism, opcheck, torch.compile, the convolution built on it, and the API's errors.
+kernels written channels_last and in the convolution's dtype, strided gradients, determinism, opcheck,
+torch.compile, the convolution built on it (channels_last inputs, autocast), and the API's errors.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ def make_inputs(groups: int, in_groups: int, k: int, out_channels: int, in_chann
     return reps, weight
 
 
-def check_against_reference(impl, reps64, weight64, k, dtype, *, leading_identity=False, grad_layout=None):
-    """Output and both gradients at least as accurate (vs float64) as the same-dtype reference."""
+def check_against_reference(
+    impl, reps64, weight64, k, dtype, *, leading_identity=False, grad_layout=None, channels_last=False,
+    kernel_dtype=None,
+):  # fmt: skip
+    """Output and both gradients at least as accurate (vs float64) as the same-dtype reference; the kernel is
+    asked for channels_last or contiguous, in ``kernel_dtype`` (default: ``dtype``), and its gradient comes in
+    that dtype."""
+    kernel_dtype = kernel_dtype or dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     reps64, weight64 = reps64.clone().requires_grad_(), weight64.clone().requires_grad_()
     stack = prepend_identity(reps64) if leading_identity else reps64
     truth = expand_kernel_reference(stack, weight64, k)
@@ -34,12 +42,16 @@ def check_against_reference(impl, reps64, weight64, k, dtype, *, leading_identit
     low = [t.detach().to(dtype).requires_grad_() for t in (reps64, weight64)]
     expected = expand_kernel_reference(prepend_identity(low[0]) if leading_identity else low[0], low[1], k)
     on_device = [t.detach().to(impl.device).requires_grad_() for t in low]
-    kernel = symkernels.expand_kernel(*on_device, k, leading_identity=leading_identity, backend=impl.name)
-    assert kernel.shape == truth.shape and kernel.dtype == dtype and kernel.is_contiguous()
-    assert_as_accurate_as_reference(kernel.detach().cpu(), expected.detach(), truth.detach())
+    kernel = symkernels.expand_kernel(
+        *on_device, k, leading_identity=leading_identity, channels_last=channels_last, dtype=kernel_dtype,
+        backend=impl.name,
+    )  # fmt: skip
+    assert kernel.shape == truth.shape and kernel.dtype == kernel_dtype
+    assert kernel.is_contiguous(memory_format=layout)
+    assert_as_accurate_as_reference(kernel.detach().cpu(), expected.detach().to(kernel_dtype), truth.detach())
 
-    grad = grad64.to(dtype)
-    expected_grads = torch.autograd.grad(expected, low, grad)
+    grad = grad64.to(kernel_dtype)
+    expected_grads = torch.autograd.grad(expected, low, grad.to(dtype))
     device_grad = grad.to(impl.device)
     grads = torch.autograd.grad(
         kernel, on_device, device_grad if grad_layout is None else grad_layout(device_grad)
@@ -119,6 +131,19 @@ def test_strided_gradients(implementation):
     )
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_kernel_in_the_convolutions_layout_and_dtype(implementation, channels_last):
+    """float32 reps and weight; the kernel channels_last or contiguous, in float32 or bfloat16 (an autocast
+    convolution's), and its gradient in that dtype."""
+    reps, weight = make_inputs(3, 2, 3, 5, 3)
+    for kernel_dtype in (torch.float32, torch.bfloat16):
+        for leading_identity in (False, True):
+            check_against_reference(
+                implementation, reps, weight, 3, torch.float32, leading_identity=leading_identity,
+                channels_last=channels_last, kernel_dtype=kernel_dtype,
+            )  # fmt: skip
+
+
 def test_backward_is_deterministic(implementation):
     reps, weight = make_inputs(3, 4, 3 if implementation.interpreted else 5, 4, 4)
     reps, weight = (t.float().to(implementation.device) for t in (reps, weight))
@@ -134,9 +159,10 @@ def test_backward_is_deterministic(implementation):
 def test_opcheck(implementation):
     reps, weight = make_inputs(3, 1, 3, 2, 2)
     reps, weight = (t.float().to(implementation.device).requires_grad_() for t in (reps, weight))
-    for leading in (False, True):
+    for leading, channels_last, dtype in [(False, False, torch.float32), (True, True, torch.bfloat16)]:
         torch.library.opcheck(
-            torch.ops.symkernels.expand_kernel.default, (reps, weight, 3, leading, implementation.name)
+            torch.ops.symkernels.expand_kernel.default,
+            (reps, weight, 3, leading, channels_last, dtype, implementation.name),
         )
         grad = torch.randn(2 * (3 + leading), 2, 3, 3, device=reps.device)
         torch.library.opcheck(
@@ -173,6 +199,54 @@ def test_permuted_conv2d_matches_reference(implementation):
     torch.testing.assert_close(got.cpu(), expected.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
+def test_permuted_conv2d_asks_for_the_kernel_its_convolution_uses(implementation, monkeypatch, autocast):
+    """A channels_last input gets a channels_last kernel, and under autocast the kernel comes in autocast's
+    dtype, so that the convolution neither copies nor casts it: the float32 kernel rounded once, and the
+    convolution's output unchanged."""
+    import symkernels.functional as functional
+
+    reps, weight = (t.float().to(implementation.device) for t in make_inputs(3, 1, 3, 4, 3))
+    x = make_logits(2, 3, 9, 9, seed=5).to(implementation.device)
+    kernels = []
+    expand = functional.expand_kernel
+    monkeypatch.setattr(
+        functional, "expand_kernel", lambda *a, **kw: kernels.append(expand(*a, **kw)) or kernels[-1]
+    )
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        outputs = [
+            symkernels.permuted_conv2d(
+                x.contiguous(memory_format=layout),
+                reps,
+                weight,
+                kernel_size=3,
+                padding=1,
+                leading_identity=True,
+                backend=implementation.name,
+            )  # fmt: skip
+            for layout in (torch.contiguous_format, torch.channels_last)
+        ]
+        # The convolution of the kernel it was handed (checked against the float32 one below).
+        direct = torch.nn.functional.conv2d(x, kernels[0], padding=1)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    contiguous, channels_last = kernels
+    assert contiguous.dtype == channels_last.dtype == dtype
+    assert contiguous.is_contiguous()
+    assert (
+        channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    )
+    float32_kernel = expand(reps, weight, 3, leading_identity=True, backend=implementation.name)
+    # Triton's interpreter truncates float32 to bfloat16 (compiled, it rounds to nearest even, as torch does).
+    ulps = 1 if implementation.interpreted and autocast else 0
+    torch.testing.assert_close(contiguous, float32_kernel.to(dtype), rtol=ulps * 2**-7, atol=0)
+    assert torch.equal(channels_last, contiguous)
+    for got in outputs:
+        assert got.dtype == dtype
+        # (Summed in another order when channels_last: a bfloat16 output may round the other way.)
+        tolerance = {"rtol": 2**-7, "atol": 2**-7} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(got, direct.unflatten(1, (4, 4)), **tolerance)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
@@ -206,6 +280,18 @@ def test_permuted_conv2d_matches_reference(implementation):
             lambda: symkernels.expand_kernel(torch.rand(2, 9, 9), torch.rand(1, 1, 9), 3, leading_identity=1),
             TypeError,
             "leading_identity must be a bool",
+        ),
+        (
+            lambda: symkernels.expand_kernel(
+                torch.rand(2, 9, 9), torch.rand(1, 1, 9), 3, channels_last="yes"
+            ),
+            TypeError,
+            "channels_last must be a bool",
+        ),
+        (
+            lambda: symkernels.expand_kernel(torch.rand(2, 9, 9), torch.rand(1, 1, 9), 3, dtype=torch.int32),
+            TypeError,
+            r"dtype must be one of torch.float16, .*, got torch.int32",
         ),
         (
             lambda: symkernels.expand_kernel(torch.rand(2, 9, 9), torch.rand(1, 1, 9), 3, backend="nope"),

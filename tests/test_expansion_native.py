@@ -18,6 +18,25 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def expand_forward(
+    reps, weight, kernel_size, leading_identity, *, memory_format=torch.contiguous_format, dtype=None
+):
+    """The native forward into a fresh kernel of the given layout and dtype (default: reps')."""
+    out_channels, in_channels, d = weight.shape
+    in_group = d // (kernel_size * kernel_size)
+    shape = (
+        out_channels * (reps.shape[0] + int(leading_identity)),
+        in_channels * in_group,
+        kernel_size,
+        kernel_size,
+    )
+    kernel = torch.full(shape, float("nan"), dtype=dtype or reps.dtype).contiguous(
+        memory_format=memory_format
+    )
+    native.expand_forward(reps, weight, kernel_size, leading_identity, kernel)
+    return kernel
+
+
 def expansion_reference(reps, weight, kernel_size, leading_identity):
     if leading_identity:
         d = weight.shape[-1]
@@ -53,9 +72,8 @@ def test_expansion_matches_reference(shape, leading_identity):
         expected = expansion_reference(*low, k, leading_identity)
         expected_grads = torch.autograd.grad(expected, low, grad.to(dtype), allow_unused=True)
 
-        kernel = native.expand_forward(reps.to(dtype), weight.to(dtype), k, leading_identity)
+        kernel = expand_forward(reps.to(dtype), weight.to(dtype), k, leading_identity)
         assert kernel.shape == (out_channels * groups, in_channels * in_group, k, k) and kernel.dtype == dtype
-        assert kernel.is_contiguous()
         assert_as_accurate_as_reference(kernel, expected, truth)
         grad_reps, grad_weight = native.expand_backward(
             grad.to(dtype), reps.to(dtype), weight.to(dtype), k, leading_identity
@@ -72,7 +90,7 @@ def test_expansion_matches_reference(shape, leading_identity):
 def test_expansion_identity_block_is_a_copy_of_weight():
     weight = make_logits(3, 2, 9, dtype=torch.float32)
     reps = torch.rand(2, 9, 9)
-    kernel = native.expand_forward(reps, weight, 3, True).view(3, 3, 2, 9)
+    kernel = expand_forward(reps, weight, 3, True).view(3, 3, 2, 9)
     assert torch.equal(kernel[:, 0], weight)
     grad = make_logits(9, 2, 3, 3, dtype=torch.float32, seed=1)
     _, grad_weight = native.expand_backward(grad, reps, weight, 3, True)
@@ -107,7 +125,7 @@ def test_expansion_gradcheck():
         @staticmethod
         def forward(ctx, reps, weight):
             ctx.save_for_backward(reps, weight)
-            return native.expand_forward(reps, weight, 2, True)
+            return expand_forward(reps, weight, 2, True)
 
         @staticmethod
         def backward(ctx, grad):
@@ -119,39 +137,85 @@ def test_expansion_gradcheck():
     assert torch.autograd.gradcheck(NativeExpansion.apply, (reps, weight))
 
 
+def test_expansion_writes_channels_last_and_other_dtypes():
+    """The conv weight in the layout and dtype the convolution wants: the same values as the contiguous kernel
+    in reps' dtype, rounded once."""
+    reps, weight = torch.rand(3, 18, 18), make_logits(4, 5, 18)
+    want = expand_forward(reps, weight, 3, True)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            kernel = expand_forward(reps, weight, 3, True, memory_format=memory_format, dtype=dtype)
+            assert kernel.dtype == dtype and kernel.is_contiguous(memory_format=memory_format)
+            assert torch.equal(kernel, want.to(dtype))
+
+
+def test_expansion_backward_reads_gradients_of_another_dtype():
+    reps, weight = torch.rand(2, 9, 9, dtype=torch.float64), make_logits(3, 2, 9, dtype=torch.float64)
+    grad = make_logits(9, 2, 3, 3, seed=1)
+    got = native.expand_backward(grad, reps, weight, 3, True)
+    want = native.expand_backward(grad.double(), reps, weight, 3, True)
+    assert all(a.dtype == torch.float64 and torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+KERNEL = torch.empty(6, 2, 3, 3)  # the kernel of reps [2, 9, 9], weight [3, 2, 9], k = 3, no identity
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
         (
-            lambda: native.expand_forward(torch.rand(2, 9, 8), torch.rand(3, 2, 9), 3, False),
+            lambda: native.expand_forward(torch.rand(2, 9, 8), torch.rand(3, 2, 9), 3, False, KERNEL),
             r"reps must have shape",
         ),
         (
-            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 9), 3, False),
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 9), 3, False, KERNEL),
             "weight must have shape",
         ),
-        (lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 8), 3, False), "disagree on d"),
         (
-            lambda: native.expand_forward(torch.rand(2, 8, 8), torch.rand(3, 2, 8), 3, False),
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 8), 3, False, KERNEL),
+            "disagree on d",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 8, 8), torch.rand(3, 2, 8), 3, False, KERNEL),
             "multiple of kernel_size",
         ),
         (
-            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 9), 0, False),
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 9), 0, False, KERNEL),
             "kernel_size must be",
         ),
         (
             lambda: native.expand_forward(
-                torch.rand(2, 9, 9), torch.rand(3, 2, 9, dtype=torch.float64), 3, False
+                torch.rand(2, 9, 9), torch.rand(3, 2, 9, dtype=torch.float64), 3, False, KERNEL
             ),
             "weight must have the dtype of reps",
         ),
         (
-            lambda: native.expand_forward(torch.rand(2, 9, 9).half(), torch.rand(3, 2, 9).half(), 3, False),
+            lambda: native.expand_forward(
+                torch.rand(2, 9, 9).half(), torch.rand(3, 2, 9).half(), 3, False, KERNEL.half()
+            ),
             "reps must be float32 or float64",
         ),
         (
-            lambda: native.expand_forward(torch.rand(2, 9, 9, device="meta"), torch.rand(3, 2, 9), 3, False),
+            lambda: native.expand_forward(
+                torch.rand(2, 9, 9, device="meta"), torch.rand(3, 2, 9), 3, False, KERNEL
+            ),
             "reps must be a CPU tensor",
+        ),
+        (
+            lambda: native.expand_forward(torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, True, KERNEL),
+            r"kernel must have the kernel's shape \[O\*G, I\*G_in, k, k\] = \[9, 2, 3, 3\]",
+        ),
+        (
+            lambda: native.expand_forward(
+                torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, False, torch.empty(2, 6, 3, 3).transpose(0, 1)
+            ),
+            "kernel must be contiguous or channels_last",
+        ),
+        (
+            lambda: native.expand_forward(
+                torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, False, KERNEL.to(torch.int32)
+            ),
+            "kernel must be a floating-point tensor",
         ),
         (
             lambda: native.expand_backward(
@@ -161,9 +225,9 @@ def test_expansion_gradcheck():
         ),
         (
             lambda: native.expand_backward(
-                torch.rand(9, 2, 3, 3, dtype=torch.float64), torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, True
+                torch.rand(9, 2, 3, 3, device="meta"), torch.rand(2, 9, 9), torch.rand(3, 2, 9), 3, True
             ),
-            "grad_kernel must have the dtype of reps",
+            "grad_kernel must be a CPU tensor",
         ),
     ],
 )

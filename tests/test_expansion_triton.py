@@ -1,7 +1,7 @@
 """The Triton kernel expansion launchers (``symkernels.ops.expansion_triton``) against the reference: the
-kernel and both gradients (with and without the leading identity, float32 and float16), gradients read through
-their strides (channels_last, expanded) with a reduction split into partials, only the identity, and outputs
-fully written (every allocation NaN-poisoned).
+kernel and both gradients (with and without the leading identity, float32 and float16), kernels written
+channels_last and in another dtype, gradients read through their strides (channels_last, expanded) with a
+reduction split into partials, only the identity, and outputs fully written (every allocation NaN-poisoned).
 
 Runs under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported, see conftest.py; CPU
 tensors, tiny shapes) or on a GPU.
@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from symkernels.ops import expansion_triton  # noqa: E402
 from symkernels.ops.expansion_triton import backward_plan  # noqa: E402
+from symkernels.ops.triton_support import INTERPRETED  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -50,8 +51,8 @@ def check_expansion(reps64, weight64, k, leading_identity, dtype, device, grad_l
     expected_grads = torch.autograd.grad(expected, low, grad64.to(dtype))
 
     reps, weight = (t.detach().to(device) for t in low)
-    kernel = expansion_triton.forward(reps, weight, k, leading_identity)
-    assert kernel.shape == truth.shape and kernel.dtype == dtype and kernel.is_contiguous()
+    kernel = torch.empty(truth.shape, dtype=dtype, device=device)
+    expansion_triton.forward(reps, weight, kernel, k, leading_identity)
     assert_as_accurate_as_reference(kernel.cpu(), expected.detach(), truth.detach())
     grad = grad_layout(grad64.to(dtype).contiguous().to(device))
     grads = expansion_triton.backward(grad, reps, weight, k, leading_identity)
@@ -97,10 +98,25 @@ def test_expansion_reads_gradients_through_their_strides(triton_device):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expansion_writes_channels_last_kernels_in_any_dtype(dtype, triton_device):
+    """Through the kernel's strides and in its dtype: the contiguous float32 kernel, rounded once."""
+    reps, weight = (t.float().to(triton_device) for t in expansion_inputs(3, 2, 3, 5, 3, seed=5))
+    want = torch.empty(5 * 3, 3 * 2, 3, 3, device=triton_device)
+    expansion_triton.forward(reps, weight, want, 3, False)
+    kernel = torch.full_like(want, float("nan"), dtype=dtype).to(memory_format=torch.channels_last)
+    expansion_triton.forward(reps, weight, kernel, 3, False)
+    assert kernel.is_contiguous(memory_format=torch.channels_last)
+    # Triton's interpreter truncates float32 to bfloat16 (compiled, it rounds to nearest even, as torch does).
+    ulps = 1 if INTERPRETED and dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(kernel, want.to(dtype), rtol=ulps * 2**-7, atol=0)
+
+
 def test_expansion_of_only_the_identity(triton_device):
     weight = make_logits(3, 2, 9, seed=1).to(triton_device)
     reps = torch.empty(0, 9, 9, device=triton_device)
-    kernel = expansion_triton.forward(reps, weight, 3, True)
+    kernel = torch.empty(3, 2, 3, 3, device=triton_device)
+    expansion_triton.forward(reps, weight, kernel, 3, True)
     torch.testing.assert_close(kernel, weight.reshape(3, 2, 3, 3), rtol=0, atol=0)
     grad = make_logits(3, 2, 3, 3, seed=2).to(triton_device)
     grad_reps, grad_weight = expansion_triton.backward(grad, reps, weight, 3, True)
@@ -115,7 +131,8 @@ def test_expansion_outputs_fully_written(leading_identity, triton_device, monkey
     weight = weight.float().to(triton_device)
     grad = make_logits(17 * 3, 5, 3, 3, seed=4).to(triton_device)
     poison(monkeypatch, expansion_triton)
-    kernel = expansion_triton.forward(reps, weight, 3, leading_identity)
+    kernel = torch.full((17 * 3, 5, 3, 3), float("nan"), device=triton_device)
+    expansion_triton.forward(reps, weight, kernel, 3, leading_identity)
     grad_reps, grad_weight = expansion_triton.backward(grad, reps, weight, 3, leading_identity)
     monkeypatch.undo()
     for tensor in (kernel, grad_reps, grad_weight):

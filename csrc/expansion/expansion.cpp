@@ -76,24 +76,58 @@ ExpansionShape check_inputs(const char* op, const at::Tensor& reps, const at::Te
   return {learned, learned + (leading_identity ? 1 : 0), d, weight.size(0), weight.size(1), d / k2, kernel_size};
 }
 
+// The conv weights the CUDA kernels address directly; any other layout is copied first (a gradient) or refused
+// (a kernel to write).
+enum class Layout { kContiguous, kChannelsLast, kOther };
+
+Layout layout_of(const at::Tensor& t) {
+  // (A tensor can be both, e.g. with k = 1: then both layouts put every element at the same place.)
+  if (t.is_contiguous()) return Layout::kContiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kChannelsLast;
+  return Layout::kOther;
+}
+
+// A conv weight the kernels read (grad_kernel) or write (kernel): on reps' device, of the expansion's shape.
+void check_conv_weight(const char* op, const char* name, const at::Tensor& t, const at::Tensor& reps,
+                       const ExpansionShape& s) {
+  check_device(op, name, t);
+  TORCH_CHECK(t.device() == reps.device(), op, ": ", name, " must be on reps' device ", reps.device(), ", got ",
+              t.device());
+  const std::vector<int64_t> expected{s.out * s.groups, s.in * s.in_group, s.k, s.k};
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", name,
+              " must have the kernel's shape [O*G, I*G_in, k, k] = ", at::IntArrayRef(expected), ", got ", t.sizes());
+  if (t.is_cuda()) {
+    check_dtype(op, name, t);
+  } else {
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+                t.scalar_type());
+  }
+}
+
 }  // namespace
 
-at::Tensor expand_forward(const at::Tensor& reps_in, const at::Tensor& weight_in, int64_t kernel_size,
-                          bool leading_identity) {
-  const ExpansionShape s = check_inputs("expand_forward", reps_in, weight_in, kernel_size, leading_identity);
-  at::Tensor kernel = at::empty({s.out * s.groups, s.in * s.in_group, s.k, s.k}, weight_in.options());
-  if (kernel.numel() == 0) {
-    // Nothing to write.
-  } else if (kernel.is_cuda()) {
+void expand_forward(const at::Tensor& reps_in, const at::Tensor& weight_in, int64_t kernel_size,
+                    bool leading_identity, const at::Tensor& kernel) {
+  const char* op = "expand_forward";
+  const ExpansionShape s = check_inputs(op, reps_in, weight_in, kernel_size, leading_identity);
+  check_conv_weight(op, "kernel", kernel, reps_in, s);
+  const Layout layout = layout_of(kernel);
+  TORCH_CHECK(layout != Layout::kOther, op, ": kernel must be contiguous or channels_last, got strides ",
+              kernel.strides());
+  if (kernel.numel() == 0) return;
+  if (kernel.is_cuda()) {
 #ifdef SYMKERNELS_WITH_CUDA
-    expansion_detail::expand_forward_cuda(reps_in.contiguous(), weight_in.contiguous(), leading_identity,
-                                          kernel.view({s.out, s.groups, s.in, s.d}));
+    expansion_detail::expand_forward_cuda(reps_in.contiguous(), weight_in.contiguous(), leading_identity, kernel,
+                                          layout == Layout::kChannelsLast);
 #endif
-  } else {
-    expansion_detail::expand_forward_cpu(reps_in.contiguous(), weight_in.contiguous(), leading_identity,
-                                         kernel.view({s.out, s.groups, s.in, s.d}));
+    return;
   }
-  return kernel;
+  // The CPU kernels write [O, G, I, d] in reps' dtype with GEMMs; another layout or dtype is a copy of that.
+  const bool direct = layout == Layout::kContiguous && kernel.scalar_type() == reps_in.scalar_type();
+  const at::Tensor grouped =
+      direct ? kernel.view({s.out, s.groups, s.in, s.d}) : at::empty({s.out, s.groups, s.in, s.d}, reps_in.options());
+  expansion_detail::expand_forward_cpu(reps_in.contiguous(), weight_in.contiguous(), leading_identity, grouped);
+  if (!direct) kernel.copy_(grouped.view(kernel.sizes()));
 }
 
 std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad_in, const at::Tensor& reps_in,
@@ -101,16 +135,7 @@ std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad_in, co
                                                    bool leading_identity) {
   const char* op = "expand_backward";
   const ExpansionShape s = check_inputs(op, reps_in, weight_in, kernel_size, leading_identity);
-  check_device(op, "grad_kernel", grad_in);
-  TORCH_CHECK(grad_in.device() == reps_in.device(), op, ": grad_kernel must be on reps' device ", reps_in.device(),
-              ", got ", grad_in.device());
-  TORCH_CHECK(grad_in.scalar_type() == reps_in.scalar_type(), op,
-              ": grad_kernel must have the dtype of reps and weight (", reps_in.scalar_type(), "), got ",
-              grad_in.scalar_type());
-  const std::vector<int64_t> expected{s.out * s.groups, s.in * s.in_group, s.k, s.k};
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef(expected), op,
-              ": grad_kernel must have the kernel's shape [O*G, I*G_in, k, k] = ", at::IntArrayRef(expected),
-              ", got ", grad_in.sizes());
+  check_conv_weight(op, "grad_kernel", grad_in, reps_in, s);
 
   const auto options = reps_in.options().memory_format(at::MemoryFormat::Contiguous);
   if (s.out == 0 || s.in == 0 || s.d == 0 || s.groups == 0) {
@@ -119,13 +144,15 @@ std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad_in, co
   }
   at::Tensor grad_reps = at::empty({s.learned, s.d, s.d}, options);
   at::Tensor grad_weight = at::empty({s.out, s.in, s.d}, options);
-  const at::Tensor grad = grad_in.contiguous().view({s.out, s.groups, s.in, s.d});
-  if (grad.is_cuda()) {
+  if (grad_in.is_cuda()) {
 #ifdef SYMKERNELS_WITH_CUDA
-    expansion_detail::expand_backward_cuda(grad, reps_in.contiguous(), weight_in.contiguous(), leading_identity,
-                                           grad_reps, grad_weight);
+    const Layout layout = layout_of(grad_in);
+    const at::Tensor grad = layout == Layout::kOther ? grad_in.contiguous() : grad_in;
+    expansion_detail::expand_backward_cuda(grad, layout == Layout::kChannelsLast, reps_in.contiguous(),
+                                           weight_in.contiguous(), leading_identity, grad_reps, grad_weight);
 #endif
   } else {
+    const at::Tensor grad = grad_in.to(reps_in.scalar_type()).contiguous().view({s.out, s.groups, s.in, s.d});
     expansion_detail::expand_backward_cpu(grad, reps_in.contiguous(), weight_in.contiguous(), leading_identity,
                                           grad_reps, grad_weight);
   }

@@ -45,16 +45,23 @@ int32_t narrow(const char* op, const char* what, int64_t value) {
   return static_cast<int32_t>(value);
 }
 
-// The arguments and plan of a call on grad-or-kernel [O, G, I, d], reps [G', d, d], weight [O, I, d].
-ec::ExpansionArgs arguments(const char* op, const at::Tensor& grouped, const at::Tensor& reps, bool leading_identity,
+// The arguments and plan of a call with reps [G', d, d], weight [O, I, d] and the conv weight it writes (kernel) or
+// reads (grad), contiguous or channels_last.
+ec::ExpansionArgs arguments(const char* op, const at::Tensor& reps, const at::Tensor& weight,
+                            const at::Tensor& conv_weight, bool channels_last, bool leading_identity,
                             ec::ExpansionPlan& plan) {
-  const int64_t out = grouped.size(0);
-  const int64_t groups = grouped.size(1);
-  const int64_t in = grouped.size(2);
-  const int64_t d = grouped.size(3);
+  const int64_t out = weight.size(0);
+  const int64_t in = weight.size(1);
+  const int64_t d = weight.size(2);
   const int64_t learned = reps.size(0);
+  const int64_t groups = learned + (leading_identity ? 1 : 0);
+  const int64_t kernel_area = conv_weight.size(2) * conv_weight.size(3);
   ec::ExpansionArgs a{};
-  a.type = element_type(op, grouped);
+  a.type = element_type(op, weight);
+  a.kernel_type = element_type(op, conv_weight);
+  a.channels_last = channels_last ? 1 : 0;
+  a.kernel_area = narrow(op, "k^2", kernel_area);
+  a.in_group = narrow(op, "G_in", d / kernel_area);
   a.out = narrow(op, "O", out);
   a.in = narrow(op, "I", in);
   narrow(op, "O * I", out * in);
@@ -76,25 +83,26 @@ ec::ExpansionArgs arguments(const char* op, const at::Tensor& grouped, const at:
 }  // namespace
 
 void expand_forward_cuda(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity,
-                         const at::Tensor& kernel) {
+                         const at::Tensor& kernel, bool channels_last) {
   const char* op = "expand_forward";
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   ec::ExpansionPlan plan{};
-  ec::ExpansionArgs a = arguments(op, kernel, reps, leading_identity, plan);
+  ec::ExpansionArgs a = arguments(op, reps, weight, kernel, channels_last, leading_identity, plan);
   a.reps = reps.const_data_ptr();
   a.weight = weight.const_data_ptr();
   a.kernel = kernel.mutable_data_ptr();
   check_cuda(op, ec::launch_expand_forward(a, plan, stream));
 }
 
-void expand_backward_cuda(const at::Tensor& grad_kernel, const at::Tensor& reps, const at::Tensor& weight,
-                          bool leading_identity, const at::Tensor& grad_reps, const at::Tensor& grad_weight) {
+void expand_backward_cuda(const at::Tensor& grad_kernel, bool channels_last, const at::Tensor& reps,
+                          const at::Tensor& weight, bool leading_identity, const at::Tensor& grad_reps,
+                          const at::Tensor& grad_weight) {
   const char* op = "expand_backward";
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   ec::ExpansionPlan plan{};
-  ec::ExpansionArgs a = arguments(op, grad_kernel, reps, leading_identity, plan);
+  ec::ExpansionArgs a = arguments(op, reps, weight, grad_kernel, channels_last, leading_identity, plan);
   // The partial sums of a split grad_reps reduction: from the caching allocator, stream-ordered (no sync).
   at::Tensor partials;
   if (a.splits > 1 && a.learned > 0) {

@@ -87,15 +87,67 @@ SK_DEVICE void clear(Accumulator& acc) {
   }
 }
 
-// Element (o, g, i, n) of an [O, G, I, d] tensor, for the row r = o * I + i of the (o, i) rows.
-SK_DEVICE int64_t grouped_offset(const ExpansionArgs& a, int r, int g, int n) {
+// Where K[o, g, i, n] lies in the conv weight [O*G, I*G_in, k, k] (kernel or grad), for the row r = o * I + i of
+// the (o, i) rows, n = h * k^2 + s: element [o * G + g, i * G_in + h, s] of a contiguous weight, which is [O, G, I, d]
+// in memory; channels_last puts the input channels innermost, [O * G, s, I * G_in], so that there the neighbours
+// of an element are the next rows (i), not the next columns (n).
+template <bool ChannelsLast>
+SK_DEVICE int64_t kernel_offset(const ExpansionArgs& a, int r, int g, int n) {
   const int o = r / a.in;
   const int i = r - o * a.in;
-  return ((static_cast<int64_t>(o) * a.groups + g) * a.in + i) * a.d + n;
+  const int64_t output_channel = static_cast<int64_t>(o) * a.groups + g;
+  if (!ChannelsLast) return (output_channel * a.in + i) * a.d + n;
+  const int h = n / a.kernel_area;
+  const int s = n - h * a.kernel_area;
+  return (output_channel * a.kernel_area + s) * (static_cast<int64_t>(a.in) * a.in_group) +
+         static_cast<int64_t>(i) * a.in_group + h;
+}
+
+// Writes the CTA's output tile of K for group g. A contiguous kernel is written from the registers (the 16 threads
+// of a row group write 16 consecutive columns); a channels_last one through shared memory, transposed, so that
+// consecutive threads write consecutive rows. Every thread of the CTA must call it.
+template <bool ChannelsLast>
+SK_DEVICE void store_kernel_tile(const ExpansionArgs& a, const Accumulator& acc, int row0, int column0, int g) {
+  const int rows = a.out * a.in;
+  if (!ChannelsLast) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int r = row0 + row_lane() + kLanes * i;
+      if (r >= rows) continue;
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int n = column0 + column_lane() + kLanes * j;
+        if (n < a.d) store_element(a.kernel, kernel_offset<false>(a, r, g, n), acc.v[i][j], a.kernel_type);
+      }
+    }
+    return;
+  }
+  // tile[column * kTileStride + row]: the padded stride keeps both the writes and the reads free of bank conflicts
+  // beyond two-way.
+  // (tile_product ends with a barrier: no thread still reads the staged operands this overwrites.)
+  float* tile = reinterpret_cast<float*>(dynamic_shared_memory());
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      tile[(column_lane() + kLanes * j) * kTileStride + row_lane() + kLanes * i] = acc.v[i][j];
+    }
+  }
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kTileThreads) {
+    const int x = e % kTile;
+    const int c = e / kTile;
+    const int r = row0 + x;
+    const int n = column0 + c;
+    if (r < rows && n < a.d) {
+      store_element(a.kernel, kernel_offset<true>(a, r, g, n), tile[c * kTileStride + x], a.kernel_type);
+    }
+  }
 }
 
 // One CTA per (g, row tile, column tile): kernel[o, g, i, n] = sum_m R_g[n, m] weight[o, i, m], or weight[o, i, n]
 // itself for the identity (g < identity).
+template <bool ChannelsLast>
 __global__ void __launch_bounds__(kTileThreads) expand_forward_kernel(ExpansionArgs a, int row_tiles,
                                                                        int column_tiles) {
   const int tile = static_cast<int>(blockIdx.x);
@@ -130,20 +182,13 @@ __global__ void __launch_bounds__(kTileThreads) expand_forward_kernel(ExpansionA
         },
         acc);
   }
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int r = row0 + row_lane() + kLanes * i;
-    if (r >= rows) continue;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int n = column0 + column_lane() + kLanes * j;
-      if (n < d) store_element(a.kernel, grouped_offset(a, r, g, n), acc.v[i][j], a.type);
-    }
-  }
+  store_kernel_tile<ChannelsLast>(a, acc, row0, column0, g);
 }
 
 // One CTA per (row tile, column tile): grad_weight[o, i, m] = grad[o, 0, i, m] (identity) + sum over (q, n), in that
-// order, of grad[o, q + identity, i, n] R_q[n, m].
+// order, of grad[o, q + identity, i, n] R_q[n, m]. grad is staged walking along its contiguous dimension: the
+// columns n, or the rows (o, i) when it is channels_last.
+template <bool ChannelsLast>
 __global__ void __launch_bounds__(kTileThreads) expand_grad_weight_kernel(ExpansionArgs a, int column_tiles) {
   const int tile = static_cast<int>(blockIdx.x);
   const int column0 = (tile % column_tiles) * kTile;
@@ -152,12 +197,13 @@ __global__ void __launch_bounds__(kTileThreads) expand_grad_weight_kernel(Expans
   const int d = a.d;
   Accumulator acc;
   clear(acc);
-  tile_product<false, true>(
+  tile_product<ChannelsLast, true>(
       a.learned * d,
       [&](int x, int k) {
         const int r = row0 + x;
         const int q = k / d;
-        return r < rows ? load_element(a.grad, grouped_offset(a, r, q + a.identity, k - q * d), a.type) : 0.f;
+        if (r >= rows) return 0.f;
+        return load_element(a.grad, kernel_offset<ChannelsLast>(a, r, q + a.identity, k - q * d), a.kernel_type);
       },
       [&](int x, int k) {
         const int m = column0 + x;
@@ -173,14 +219,16 @@ __global__ void __launch_bounds__(kTileThreads) expand_grad_weight_kernel(Expans
       const int m = column0 + column_lane() + kLanes * j;
       if (m >= d) continue;
       float value = acc.v[i][j];
-      if (a.identity != 0) value += load_element(a.grad, grouped_offset(a, r, 0, m), a.type);
+      if (a.identity != 0) value += load_element(a.grad, kernel_offset<ChannelsLast>(a, r, 0, m), a.kernel_type);
       store_element(a.grad_weight, static_cast<int64_t>(r) * d + m, value, a.type);
     }
   }
 }
 
 // One CTA per (run s, learned matrix q, row tile n, column tile m): the sum over the (o, i) rows of run s of
-// grad[o, q + identity, i, n] weight[o, i, m], into grad_reps[q] (one run) or partials[s, q] (float32).
+// grad[o, q + identity, i, n] weight[o, i, m], into grad_reps[q] (one run) or partials[s, q] (float32). grad is
+// staged walking along its contiguous dimension, as in expand_grad_weight_kernel.
+template <bool ChannelsLast>
 __global__ void __launch_bounds__(kTileThreads) expand_grad_reps_kernel(ExpansionArgs a, int column_tiles) {
   const int tile = static_cast<int>(blockIdx.x);
   const int column0 = (tile % column_tiles) * kTile;
@@ -194,11 +242,11 @@ __global__ void __launch_bounds__(kTileThreads) expand_grad_reps_kernel(Expansio
   const int g = q + a.identity;
   Accumulator acc;
   clear(acc);
-  tile_product<true, true>(
+  tile_product<!ChannelsLast, true>(
       length,
       [&](int x, int k) {
         const int n = n0 + x;
-        return n < d ? load_element(a.grad, grouped_offset(a, first + k, g, n), a.type) : 0.f;
+        return n < d ? load_element(a.grad, kernel_offset<ChannelsLast>(a, first + k, g, n), a.kernel_type) : 0.f;
       },
       [&](int x, int k) {
         const int m = column0 + x;

@@ -31,19 +31,27 @@ constexpr int kSumThreads = 256;   // threads per CTA of the partial-sum kernel
 // Staged operands are [kChunk, kTile] with padded rows: threads that stage along the reduction hit distinct banks.
 constexpr int kTileStride = kTile + 1;
 constexpr int kSharedBytes = 2 * kChunk * kTileStride * 4;
+// The forward's, which also transposes an output tile through shared memory for a channels_last kernel.
+constexpr int kForwardSharedBytes = kTile * kTileStride * 4 > kSharedBytes ? kTile * kTileStride * 4 : kSharedBytes;
 // The shortest run of the grad_reps reduction (below it the partials cost more than the split gains).
 constexpr int64_t kMinSplitRows = 256;
 
-// The operands of a call; all are contiguous, with the shapes of expansion.h ([O, G, I, d] for kernel and grad).
+// The operands of a call, with the shapes of expansion.h. reps, weight and the gradients of them are contiguous
+// and of one element type; kernel (forward) and grad (backward) are the conv weight [O*G, I*G_in, k, k], contiguous
+// or channels_last, each of its own element type (kernel_offset maps (o, g, i, n) into it).
 struct ExpansionArgs {
   const void* reps;    // [learned, d, d]
   const void* weight;  // [out, in, d]
-  const void* grad;    // [out, groups, in, d] (backward)
-  void* kernel;        // [out, groups, in, d] (forward)
+  const void* grad;    // conv weight layout (backward)
+  void* kernel;        // conv weight layout (forward)
   void* grad_weight;   // [out, in, d] (backward)
   void* grad_reps;     // [learned, d, d] (backward)
   float* partials;     // [splits, learned, d, d] when splits > 1, else nullptr
-  ElementType type;
+  ElementType type;         // of reps, weight, grad_reps and grad_weight
+  ElementType kernel_type;  // of kernel (forward) or grad (backward)
+  int32_t channels_last;    // kernel or grad is channels_last (memory order [O*G, k, k, I*G_in]), else contiguous
+  int32_t kernel_area;      // k^2
+  int32_t in_group;         // G_in = d / k^2
   int32_t out;
   int32_t in;
   int32_t groups;      // G = learned + identity

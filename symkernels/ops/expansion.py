@@ -2,14 +2,18 @@
 
 The op family, the same contract on every device::
 
-    symkernels::expand_kernel(reps, weight, kernel_size, leading_identity, backend) -> kernel
+    symkernels::expand_kernel(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend)
+        -> kernel
     symkernels::expand_kernel_backward(grad, reps, weight, kernel_size, leading_identity, backend)
         -> (grad_reps, grad_weight)
 
 ``reps [G', d, d]`` and ``weight [C_out, C_in, d]`` (``d = G_in·k²``) give the conv-ready kernel
 ``[C_out·G, C_in·G_in, k, k]`` with ``K[o, g, i, :] = R_g θ[o, i, :]`` (output channels o-major, g-minor),
 where the stack is ``reps`` or, with ``leading_identity``, ``[I, reps...]`` (``G = G' + 1``) without the
-identity ever being materialised. Reductions in the backward are deterministic.
+identity ever being materialised. The kernel is written in the layout (contiguous or ``channels_last``) and
+``dtype`` the convolution wants, so that no copy or cast runs between the two; the gradient may come in any
+layout and floating dtype, and the gradients are returned in reps' and weight's dtype. Reductions in the
+backward are deterministic.
 
 Implementations: ``cpu`` and ``cuda`` (the native library's ``expand_forward``/``expand_backward``),
 ``triton`` (:mod:`symkernels.ops.expansion_triton`); the pure-PyTorch ``reference`` is called directly by
@@ -21,14 +25,15 @@ from __future__ import annotations
 import torch
 
 from symkernels import _native, backends
-from symkernels._checks import check_expansion
+from symkernels._checks import check_expansion, check_kernel_dtype
 from symkernels.reference.expansion import expand_kernel_reference
 
 __all__ = ["expand_kernel", "prepend_identity"]
 
 torch.library.define(
     "symkernels::expand_kernel",
-    "(Tensor reps, Tensor weight, int kernel_size, bool leading_identity, str backend) -> Tensor",
+    "(Tensor reps, Tensor weight, int kernel_size, bool leading_identity, bool channels_last,"
+    " ScalarType dtype, str backend) -> Tensor",
 )
 torch.library.define(
     "symkernels::expand_kernel_backward",
@@ -43,10 +48,20 @@ def prepend_identity(stack: torch.Tensor) -> torch.Tensor:
     return torch.cat([identity, stack], dim=0)
 
 
-def _kernel_shape(reps, weight, kernel_size: int, leading_identity: bool) -> tuple[int, int, int, int]:
+def _new_kernel(
+    reps, weight, kernel_size: int, leading_identity: bool, channels_last: bool, dtype
+) -> torch.Tensor:
+    """The uninitialised conv weight ``[C_out·G, C_in·G_in, k, k]`` that the forward writes."""
     out_channels, in_channels, d = weight.shape
     groups = reps.shape[0] + int(leading_identity)
-    return out_channels * groups, in_channels * (d // (kernel_size * kernel_size)), kernel_size, kernel_size
+    shape = (
+        out_channels * groups,
+        in_channels * (d // (kernel_size * kernel_size)),
+        kernel_size,
+        kernel_size,
+    )
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=weight.device, memory_format=layout)
 
 
 class _Native:
@@ -58,11 +73,10 @@ class _Native:
         return tensor.float() if low else tensor
 
     @classmethod
-    def forward(cls, reps, weight, kernel_size, leading_identity):
-        kernel = _native.library().expand_forward(
-            cls._widen(reps), cls._widen(weight), kernel_size, leading_identity
+    def forward(cls, reps, weight, kernel, kernel_size, leading_identity):
+        _native.library().expand_forward(
+            cls._widen(reps), cls._widen(weight), kernel_size, leading_identity, kernel
         )
-        return kernel.to(weight.dtype)
 
     @classmethod
     def backward(cls, grad, reps, weight, kernel_size, leading_identity):
@@ -89,8 +103,10 @@ def _kernels(backend: str, tensor: torch.Tensor, op: str):
 
 
 @torch.library.impl("symkernels::expand_kernel", ("cpu", "cuda"))
-def _forward(reps, weight, kernel_size, leading_identity, backend):
-    return _kernels(backend, weight, "expand_kernel").forward(reps, weight, kernel_size, leading_identity)
+def _forward(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend):
+    kernel = _new_kernel(reps, weight, kernel_size, leading_identity, channels_last, dtype)
+    _kernels(backend, weight, "expand_kernel").forward(reps, weight, kernel, kernel_size, leading_identity)
+    return kernel
 
 
 @torch.library.impl("symkernels::expand_kernel_backward", ("cpu", "cuda"))
@@ -100,8 +116,8 @@ def _backward_impl(grad, reps, weight, kernel_size, leading_identity, backend):
 
 
 @torch.library.register_fake("symkernels::expand_kernel")
-def _(reps, weight, kernel_size, leading_identity, backend):
-    return weight.new_empty(_kernel_shape(reps, weight, kernel_size, leading_identity))
+def _(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend):
+    return _new_kernel(reps, weight, kernel_size, leading_identity, channels_last, dtype)
 
 
 @torch.library.register_fake("symkernels::expand_kernel_backward")
@@ -110,7 +126,7 @@ def _(grad, reps, weight, kernel_size, leading_identity, backend):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    reps, weight, kernel_size, leading_identity, backend = inputs
+    reps, weight, kernel_size, leading_identity, _, _, backend = inputs
     ctx.save_for_backward(reps, weight)
     ctx.kernel_size, ctx.leading_identity, ctx.backend = kernel_size, leading_identity, backend
 
@@ -120,7 +136,7 @@ def _autograd(ctx, grad_kernel):
     grad_reps, grad_weight = torch.ops.symkernels.expand_kernel_backward(
         grad_kernel, reps, weight, ctx.kernel_size, ctx.leading_identity, ctx.backend
     )
-    return grad_reps, grad_weight, None, None, None
+    return grad_reps, grad_weight, None, None, None, None, None
 
 
 torch.library.register_autograd("symkernels::expand_kernel", _autograd, setup_context=_setup_context)
@@ -132,16 +148,26 @@ def expand_kernel(
     kernel_size: int,
     *,
     leading_identity: bool = False,
+    channels_last: bool = False,
+    dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """reps ``[G', d, d]`` and weight ``[C_out, C_in, d]`` (``d = G_in·k²``) → ``[C_out·G, C_in·G_in, k, k]``.
 
     ``K[o, g, i, :] = R_g θ[o, i, :]``: output channels o-major, g-minor; input channels i-major. With
     ``leading_identity`` the stack is ``[I, reps...]`` (``G = G' + 1``) and the identity is not materialised.
+    The kernel is ``channels_last`` or contiguous, in ``dtype`` (default: weight's), computed in float32 or
+    float64 and rounded once; gradients flow back in reps' and weight's dtypes.
     """
     check_expansion(reps, weight, kernel_size, leading_identity=leading_identity)
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+    dtype = weight.dtype if dtype is None else check_kernel_dtype(dtype, "dtype")
     name = backends.resolve(backend, weight.device, weight.dtype, "expand_kernel")
     if name == "reference":
         stack = prepend_identity(reps) if leading_identity else reps
-        return expand_kernel_reference(stack, weight, kernel_size)
-    return torch.ops.symkernels.expand_kernel(reps, weight, kernel_size, leading_identity, name)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return expand_kernel_reference(stack, weight, kernel_size).to(dtype, memory_format=layout)
+    return torch.ops.symkernels.expand_kernel(
+        reps, weight, kernel_size, leading_identity, channels_last, dtype, name
+    )

@@ -1,10 +1,10 @@
 """Triton launchers of the kernel expansion and its backward (:mod:`symkernels.triton_kernels.expansion`).
 
 ``forward`` writes ``kernel[o·G + g, i·G_in + h, y, x] = Σ_m R_g[n, m] θ[o, i, m]`` (``n = h·k² + y·k + x``)
-into a fresh contiguous conv weight in one launch; ``backward`` returns ``(R̄, θ̄)`` from one launch (two when
-the ``R̄`` reduction is split), with fixed-order reductions. With ``leading_identity`` the stack is
-``[I, reps[0], ..., reps[G'-1]]`` and the identity is never materialised. float16, bfloat16 and float32,
-accumulated in float32; every operand is read through its strides.
+into the conv weight it is given (any layout and float dtype) in one launch; ``backward`` returns ``(R̄, θ̄)``
+from one launch (two when the ``R̄`` reduction is split), with fixed-order reductions. With
+``leading_identity`` the stack is ``[I, reps[0], ..., reps[G'-1]]`` and the identity is never materialised.
+float16, bfloat16 and float32, accumulated in float32; every operand is read through its strides.
 
 The arguments are not checked here: the operators that call these functions do.
 """
@@ -27,23 +27,6 @@ __all__ = ["BackwardPlan", "backward", "backward_plan", "forward"]
 
 # Offsets are computed in int32 inside the kernels.
 MAX_OFFSET = 2**31 - 1
-
-
-def forward(
-    reps: torch.Tensor, weight: torch.Tensor, kernel_size: int, leading_identity: bool
-) -> torch.Tensor:
-    """reps ``[G', d, d]``, weight ``[O, I, d]`` (``d = G_in·k²``) → the contiguous conv weight
-    ``[O·G, I·G_in, k, k]`` in weight's dtype, ``G = G' + leading_identity``."""
-    out_channels, in_channels, d = weight.shape
-    groups = reps.shape[0] + int(leading_identity)
-    in_groups = d // (kernel_size * kernel_size)
-    kernel = torch.empty(
-        (out_channels * groups, in_channels * in_groups, kernel_size, kernel_size),
-        dtype=weight.dtype,
-        device=weight.device,
-    )
-    expand_forward_into(reps, weight, kernel, kernel_size, leading_identity=leading_identity)
-    return kernel
 
 
 def backward(
@@ -89,18 +72,11 @@ def _check_offsets(**named: torch.Tensor) -> None:
             )
 
 
-def expand_forward_into(
-    reps: torch.Tensor,
-    weight: torch.Tensor,
-    out: torch.Tensor,
-    kernel_size: int,
-    *,
-    leading_identity: bool = False,
+def forward(
+    reps: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, kernel_size: int, leading_identity: bool
 ) -> None:
     """Write the expansion of ``reps [G or G-1, d, d]`` and ``weight [O, I, d]`` into the conv weight ``out``
-    ``[O·G, I·G_in, k, k]`` (any strides, any float dtype). Shapes are assumed checked by the caller.
-
-    """
+    ``[O·G, I·G_in, k, k]`` (any strides, any float dtype), ``G = G' + leading_identity``."""
     out_channels, in_channels, d = weight.shape
     groups = reps.shape[0] + int(leading_identity)
     if out.numel() == 0:

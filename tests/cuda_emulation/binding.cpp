@@ -105,15 +105,26 @@ at::Tensor backward(const at::Tensor& grad_p, const at::Tensor& logits, const st
   return out;
 }
 
-// The expansion's arguments for reps [G', d, d] and weight [O, I, d] (contiguous, one dtype), and its plan; a
-// positive split_rows replaces the plan's runs of the grad_reps reduction, to reach the partial sums on small shapes.
-ec::ExpansionArgs expansion_args(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity,
-                                 int64_t split_rows, ec::ExpansionPlan& plan) {
+// Whether the conv weight [O*G, I*G_in, k, k] is addressed as channels_last (else it must be contiguous).
+bool channels_last(const at::Tensor& conv_weight) {
+  if (conv_weight.is_contiguous()) return false;
+  TORCH_CHECK(conv_weight.is_contiguous(at::MemoryFormat::ChannelsLast), "a contiguous or channels_last conv weight");
+  return true;
+}
+
+// The expansion's arguments for reps [G', d, d] and weight [O, I, d] (contiguous, one dtype), the conv weight it
+// writes or reads, and its plan; a positive split_rows replaces the plan's runs of the grad_reps reduction, to reach
+// the partial sums on small shapes.
+ec::ExpansionArgs expansion_args(const at::Tensor& reps, const at::Tensor& weight, const at::Tensor& conv_weight,
+                                 bool leading_identity, int64_t split_rows, ec::ExpansionPlan& plan) {
   TORCH_CHECK(reps.is_contiguous() && weight.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(reps.scalar_type() == weight.scalar_type(), "reps and weight of one dtype");
   const int64_t learned = reps.size(0);
   const int64_t groups = learned + (leading_identity ? 1 : 0);
   const int64_t d = weight.size(2);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == weight.size(0) * groups &&
+                  conv_weight.size(2) * conv_weight.size(3) * conv_weight.size(1) == d * weight.size(1),
+              "a conv weight [O*G, I*G_in, k, k]");
   plan = ec::plan_expansion(weight.size(0), weight.size(1), groups, learned, d);
   if (split_rows > 0) {
     plan.split_rows = split_rows;
@@ -124,6 +135,10 @@ ec::ExpansionArgs expansion_args(const at::Tensor& reps, const at::Tensor& weigh
   a.reps = reps.const_data_ptr();
   a.weight = weight.const_data_ptr();
   a.type = element_type(weight);
+  a.kernel_type = element_type(conv_weight);
+  a.channels_last = channels_last(conv_weight) ? 1 : 0;
+  a.kernel_area = static_cast<int32_t>(conv_weight.size(2) * conv_weight.size(3));
+  a.in_group = static_cast<int32_t>(d / a.kernel_area);
   a.out = static_cast<int32_t>(weight.size(0));
   a.in = static_cast<int32_t>(weight.size(1));
   a.groups = static_cast<int32_t>(groups);
@@ -135,24 +150,20 @@ ec::ExpansionArgs expansion_args(const at::Tensor& reps, const at::Tensor& weigh
   return a;
 }
 
-// kernel [O, G, I, d].
-at::Tensor expand_forward(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity) {
+// Writes kernel [O*G, I*G_in, k, k] (contiguous or channels_last, any of the three element types).
+void expand_forward(const at::Tensor& reps, const at::Tensor& weight, bool leading_identity, const at::Tensor& kernel) {
   ec::ExpansionPlan plan{};
-  ec::ExpansionArgs a = expansion_args(reps, weight, leading_identity, 0, plan);
-  at::Tensor kernel = at::full({a.out, a.groups, a.in, a.d}, std::numeric_limits<double>::quiet_NaN(),
-                               weight.options());
+  ec::ExpansionArgs a = expansion_args(reps, weight, kernel, leading_identity, 0, plan);
   a.kernel = kernel.mutable_data_ptr();
   if (kernel.numel() > 0) ec::emulated_expand_forward(a, plan);
-  return kernel;
 }
 
-// (grad_reps, grad_weight) from grad [O, G, I, d].
+// (grad_reps, grad_weight) from grad [O*G, I*G_in, k, k] (contiguous or channels_last, any of the element types).
 std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad, const at::Tensor& reps,
                                                    const at::Tensor& weight, bool leading_identity,
                                                    int64_t split_rows) {
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == weight.scalar_type(), "contiguous grad of weight's dtype");
   ec::ExpansionPlan plan{};
-  ec::ExpansionArgs a = expansion_args(reps, weight, leading_identity, split_rows, plan);
+  ec::ExpansionArgs a = expansion_args(reps, weight, grad, leading_identity, split_rows, plan);
   auto nan = std::numeric_limits<double>::quiet_NaN();
   at::Tensor grad_reps = at::full_like(reps, nan);
   at::Tensor grad_weight = at::full_like(weight, nan);
