@@ -74,7 +74,8 @@ struct BlockPlans {
 };
 
 template <class Planner>
-BlockPlans plan_blocks(const char* op, const sc::CallPlan& call, const sc::DeviceInfo& device, Planner planner) {
+BlockPlans plan_blocks(const char* op, const sc::CallPlan& call, const sc::DeviceInfo& device, sc::BlockPass pass,
+                       Planner planner) {
   BlockPlans plans;
   for (const sc::LaunchGroup& group : call.launches) {
     sc::BlockLaunch launch{1, 0};
@@ -83,7 +84,8 @@ BlockPlans plan_blocks(const char* op, const sc::CallPlan& call, const sc::Devic
       TORCH_CHECK(static_cast<int64_t>(group.table.num_units) * launch.cluster <= 0x7fffffff, op,
                   ": too many matrices for one launch");
       for (int s = 0; s < group.table.num_stacks; ++s) {
-        plans.overflow = plans.overflow || sc::block_rows_overflow(group.table.slot[s].n, launch);
+        const int64_t n = group.table.slot[s].n;
+        plans.overflow = plans.overflow || sc::block_rows_overflow(n, sc::block_shape(n, pass), launch);
       }
     }
     plans.launches.push_back(launch);
@@ -102,7 +104,7 @@ void sinkhorn_forward_cuda(const at::Tensor& logits, const std::vector<int64_t>&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   const sc::CallPlan call = plan(op, sizes, counts);
   const sc::DeviceInfo device = device_info(op, logits.device().index());
-  const BlockPlans blocks = plan_blocks(op, call, device, sc::plan_block_forward);
+  const BlockPlans blocks = plan_blocks(op, call, device, sc::BlockPass::kForward, sc::plan_block_forward);
   at::Tensor kernel_rows;
   if (blocks.overflow) kernel_rows = at::empty({logits.numel()}, logits.options().dtype(at::kFloat));
 
@@ -137,7 +139,7 @@ void sinkhorn_backward_cuda(const at::Tensor& grad_p, const at::Tensor& logits, 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   const sc::CallPlan call = plan(op, sizes, counts);
   const sc::DeviceInfo device = device_info(op, logits.device().index());
-  const BlockPlans blocks = plan_blocks(op, call, device, sc::plan_block_backward);
+  const BlockPlans blocks = plan_blocks(op, call, device, sc::BlockPass::kBackward, sc::plan_block_backward);
   const int64_t n_iter = cols.size(1);
   at::Tensor kernel_rows;
   if (blocks.overflow) kernel_rows = at::empty({logits.numel()}, logits.options().dtype(at::kFloat));

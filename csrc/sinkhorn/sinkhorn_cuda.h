@@ -106,14 +106,36 @@ struct BlockShape {
   int register_rows;     // rows per warp kept in registers
 };
 
-// One instantiation per CT (the choices keep K's registers near 32 per thread).
-constexpr BlockShape kBlockShapes[] = {{2, 4, 16}, {4, 8, 8}, {8, 8, 4}, {16, 8, 2}, {32, 8, 1}};
+// The two block kernels: the backward keeps fewer rows of K in registers than the forward.
+enum class BlockPass { kForward, kBackward };
 
-inline BlockShape block_shape(int64_t n) {
-  for (const BlockShape& shape : kBlockShapes) {
-    if (n <= 32 * shape.columns_per_lane) return shape;
+// One instantiation per CT and pass. The forward's keep K's registers near 32 per thread. The backward also carries
+// up to six vectors of CT floats per thread through its phases: with the forward's register rows ptxas spilled
+// 350-3,800 bytes per thread, with these none up to CT = 8 and 56 (CT = 16) and 1,160 (CT = 32) bytes on sm_90
+// (bench/results/cuda-resources.md). Both tables list the same CT and W.
+constexpr int kBlockWidths = 5;
+constexpr BlockShape kBlockShapes[kBlockWidths] = {{2, 4, 16}, {4, 8, 8}, {8, 8, 4}, {16, 8, 2}, {32, 8, 1}};
+constexpr BlockShape kBackwardBlockShapes[kBlockWidths] = {{2, 4, 8}, {4, 8, 4}, {8, 8, 1}, {16, 8, 0}, {32, 8, 0}};
+
+// The shape of the kernel of width CT (a width of the tables) for a pass.
+constexpr BlockShape block_shape_of_width(int columns_per_lane, BlockPass pass) {
+  const BlockShape* shapes = pass == BlockPass::kForward ? kBlockShapes : kBackwardBlockShapes;
+  for (int i = 0; i < kBlockWidths; ++i) {
+    if (shapes[i].columns_per_lane == columns_per_lane) return shapes[i];
   }
-  return kBlockShapes[sizeof(kBlockShapes) / sizeof(kBlockShapes[0]) - 1];
+  return shapes[0];
+}
+
+// The width CT that serves matrices of size n: 32 CT >= n (the widest for larger n).
+inline int block_width(int64_t n) {
+  for (const BlockShape& shape : kBlockShapes) {
+    if (n <= 32 * shape.columns_per_lane) return shape.columns_per_lane;
+  }
+  return kBlockShapes[kBlockWidths - 1].columns_per_lane;
+}
+
+inline BlockShape block_shape(int64_t n, BlockPass pass) {
+  return block_shape_of_width(block_width(n), pass);
 }
 
 SYMKERNELS_HOST_DEVICE inline int64_t round_up(int64_t value, int64_t multiple) {
@@ -175,9 +197,8 @@ struct BlockLaunch {
   int32_t shared_bytes;
 };
 
-// Whether some rows of a matrix of size n under `launch` live in the global scratch copy of K.
-inline bool block_rows_overflow(int64_t n, const BlockLaunch& launch) {
-  const BlockShape shape = block_shape(n);
+// Whether some rows of a matrix of size n under `launch` of a kernel of `shape` live in the global scratch copy of K.
+inline bool block_rows_overflow(int64_t n, const BlockShape& shape, const BlockLaunch& launch) {
   const BlockSharedLayout s = block_shared_layout(n, shape.warps, launch.cluster, launch.shared_bytes);
   return s.rows > shape.register_rows * shape.warps + s.kernel_row_capacity;
 }

@@ -9,12 +9,12 @@ namespace {
 
 template <int CT>
 BlockKernel<BackwardArgs> kernel_of_width() {
-  constexpr BlockShape shape = block_shape_of_width(CT);
+  constexpr BlockShape shape = block_shape_of_width(CT, BlockPass::kBackward);
   return block_backward_kernel<CT, shape.warps, shape.register_rows>;
 }
 
 BlockKernel<BackwardArgs> kernel_for(int64_t max_n) {
-  switch (block_shape(max_n).columns_per_lane) {
+  switch (block_width(max_n)) {
     case 2:
       return kernel_of_width<2>();
     case 4:
@@ -31,12 +31,12 @@ BlockKernel<BackwardArgs> kernel_for(int64_t max_n) {
 }  // namespace
 
 BlockLaunch plan_block_backward(int64_t max_n, int64_t matrices, const DeviceInfo& device) {
-  return plan_block(kernel_for(max_n), block_shape(max_n), max_n, matrices, device);
+  return plan_block(kernel_for(max_n), block_shape(max_n, BlockPass::kBackward), max_n, matrices, device);
 }
 
 cudaError_t launch_block_backward(int64_t max_n, const BackwardArgs& args, const StackTable& table,
                                  const BlockLaunch& launch, cudaStream_t stream) {
-  return launch_block(kernel_for(max_n), block_shape(max_n), args, table, launch, stream);
+  return launch_block(kernel_for(max_n), block_shape(max_n, BlockPass::kBackward), args, table, launch, stream);
 }
 
 }  // namespace symkernels::sinkhorn_cuda

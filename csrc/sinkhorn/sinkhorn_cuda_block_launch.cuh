@@ -13,13 +13,6 @@ namespace symkernels::sinkhorn_cuda {
 template <class Args>
 using BlockKernel = void (*)(Args, StackTable, BlockLaunch);
 
-constexpr BlockShape block_shape_of_width(int columns_per_lane) {
-  for (const BlockShape& shape : kBlockShapes) {
-    if (shape.columns_per_lane == columns_per_lane) return shape;
-  }
-  return kBlockShapes[0];
-}
-
 // The dynamic shared memory of a CTA for matrices of up to max_n over `cluster` CTAs: the fixed part, and the rows
 // past the register rows as far as the device allows.
 inline int64_t block_shared_bytes(const BlockShape& shape, int64_t max_n, int cluster, const DeviceInfo& device) {
@@ -73,7 +66,7 @@ BlockLaunch plan_block(BlockKernel<Args> kernel, const BlockShape& shape, int64_
     }
     auto overflows = [&](int c) {
       const BlockLaunch launch{c, static_cast<int32_t>(block_shared_bytes(shape, max_n, c, device))};
-      return block_rows_overflow(max_n, launch);
+      return block_rows_overflow(max_n, shape, launch);
     };
     while (cluster < kMaxCluster && overflows(cluster)) cluster *= 2;
     while (cluster > 1 && !cluster_fits(kernel, shape, cluster, block_shared_bytes(shape, max_n, cluster, device))) {

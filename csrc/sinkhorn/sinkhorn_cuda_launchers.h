@@ -15,7 +15,7 @@ cudaError_t launch_small_forward(int group_width, const ForwardArgs& args, const
 cudaError_t launch_small_backward(int group_width, const BackwardArgs& args, const StackTable& table,
                                   cudaStream_t stream);
 
-// How to launch the block kernel of width block_shape(max_n) for `matrices` matrices of sizes up to max_n: the
+// How to launch the block kernel of width block_width(max_n) for `matrices` matrices of sizes up to max_n: the
 // cluster size (spreading few matrices over more multiprocessors, and their rows over more shared memory) and the
 // shared memory per CTA. Queries the device (no synchronisation).
 BlockLaunch plan_block_forward(int64_t max_n, int64_t matrices, const DeviceInfo& device);

@@ -46,7 +46,7 @@ inline CallPlan plan_call(const std::vector<int64_t>& sizes, const std::vector<i
                                     std::to_string(n) + " (the triton backend serves any n)");
       }
       const bool small = n <= kSmallMaxN;
-      const int width = small ? small_group_width(n) : block_shape(n).columns_per_lane;
+      const int width = small ? small_group_width(n) : block_width(n);
       int& open = (small ? open_small : open_block)[width_index(width)];
       if (open < 0 || plan.launches[open].table.num_stacks == kMaxStacksPerLaunch) {
         LaunchGroup group{};

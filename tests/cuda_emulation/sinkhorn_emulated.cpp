@@ -25,14 +25,9 @@ void small_backward(const BackwardArgs& a, const StackTable& t) {
   emulation::launch(dim3(blocks), dim3(kSmallThreads), 0, 1, small_backward_kernel<S>, a, t);
 }
 
-template <int CT, class Args, class Kernel>
+template <int CT, BlockPass Pass, class Args, class Kernel>
 void block(Kernel kernel, const Args& a, const StackTable& t, int64_t max_n, const EmulatedLaunch& how) {
-  constexpr BlockShape shape = [] {
-    for (const BlockShape& s : kBlockShapes) {
-      if (s.columns_per_lane == CT) return s;
-    }
-    return kBlockShapes[0];
-  }();
+  constexpr BlockShape shape = block_shape_of_width(CT, Pass);
   const BlockSharedLayout fixed = block_shared_layout(max_n, shape.warps, how.cluster, 0);
   const int64_t bytes = fixed.kernel_rows + int64_t{how.shared_rows} * fixed.padded_n * 4;
   const BlockLaunch launch{how.cluster, static_cast<int32_t>(bytes)};
@@ -42,24 +37,14 @@ void block(Kernel kernel, const Args& a, const StackTable& t, int64_t max_n, con
 
 template <int CT>
 void block_forward(const ForwardArgs& a, const StackTable& t, int64_t max_n, const EmulatedLaunch& how) {
-  constexpr BlockShape shape = [] {
-    for (const BlockShape& s : kBlockShapes) {
-      if (s.columns_per_lane == CT) return s;
-    }
-    return kBlockShapes[0];
-  }();
-  block<CT>(block_forward_kernel<CT, shape.warps, shape.register_rows>, a, t, max_n, how);
+  constexpr BlockShape shape = block_shape_of_width(CT, BlockPass::kForward);
+  block<CT, BlockPass::kForward>(block_forward_kernel<CT, shape.warps, shape.register_rows>, a, t, max_n, how);
 }
 
 template <int CT>
 void block_backward(const BackwardArgs& a, const StackTable& t, int64_t max_n, const EmulatedLaunch& how) {
-  constexpr BlockShape shape = [] {
-    for (const BlockShape& s : kBlockShapes) {
-      if (s.columns_per_lane == CT) return s;
-    }
-    return kBlockShapes[0];
-  }();
-  block<CT>(block_backward_kernel<CT, shape.warps, shape.register_rows>, a, t, max_n, how);
+  constexpr BlockShape shape = block_shape_of_width(CT, BlockPass::kBackward);
+  block<CT, BlockPass::kBackward>(block_backward_kernel<CT, shape.warps, shape.register_rows>, a, t, max_n, how);
 }
 
 }  // namespace
