@@ -261,7 +261,8 @@ def test_op_scripts_run_as_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("script", "needs"), [("busy_machine.py", ()), ("recovery.py", ()), ("layerwise.py", ("tqdm",))]
+    ("script", "needs"),
+    [("busy_machine.py", ()), ("recovery.py", ()), ("layerwise.py", ("tqdm",)), ("cuda_resources.py", ())],
 )
 def test_experiment_scripts_start_as_files(script, needs):
     for module in needs:
