@@ -79,6 +79,22 @@ SK_DEVICE void tile_product(int length, const AValue& a_value, const BValue& b_v
   }
 }
 
+// fn(i, j, row, column) for each output acc.v[i][j] of the thread at (row, column) of its CTA's tile at
+// (row0, column0), inside [0, rows) x [0, columns).
+template <class Fn>
+SK_DEVICE void for_each_output(int row0, int column0, int rows, int columns, const Fn& fn) {
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int row = row0 + row_lane() + kLanes * i;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int column = column0 + column_lane() + kLanes * j;
+      if (column < columns) fn(i, j, row, column);
+    }
+  }
+}
+
 SK_DEVICE void clear(Accumulator& acc) {
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
@@ -110,16 +126,9 @@ template <bool ChannelsLast>
 SK_DEVICE void store_kernel_tile(const ExpansionArgs& a, const Accumulator& acc, int row0, int column0, int g) {
   const int rows = a.out * a.in;
   if (!ChannelsLast) {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int r = row0 + row_lane() + kLanes * i;
-      if (r >= rows) continue;
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int n = column0 + column_lane() + kLanes * j;
-        if (n < a.d) store_element(a.kernel, kernel_offset<false>(a, r, g, n), acc.v[i][j], a.kernel_type);
-      }
-    }
+    for_each_output(row0, column0, rows, a.d, [&](int i, int j, int r, int n) {
+      store_element(a.kernel, kernel_offset<false>(a, r, g, n), acc.v[i][j], a.kernel_type);
+    });
     return;
   }
   // tile[column * kTileStride + row]: the padded stride keeps both the writes and the reads free of bank conflicts
@@ -159,15 +168,9 @@ __global__ void __launch_bounds__(kTileThreads) expand_forward_kernel(ExpansionA
   Accumulator acc;
   clear(acc);
   if (g < a.identity) {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int r = row0 + row_lane() + kLanes * i;
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int n = column0 + column_lane() + kLanes * j;
-        if (r < rows && n < d) acc.v[i][j] = load_element(a.weight, static_cast<int64_t>(r) * d + n, a.type);
-      }
-    }
+    for_each_output(row0, column0, rows, d, [&](int i, int j, int r, int n) {
+      acc.v[i][j] = load_element(a.weight, static_cast<int64_t>(r) * d + n, a.type);
+    });
   } else {
     const int64_t rep = static_cast<int64_t>(g - a.identity) * d * d;
     tile_product<false, false>(
@@ -210,19 +213,11 @@ __global__ void __launch_bounds__(kTileThreads) expand_grad_weight_kernel(Expans
         return m < d ? load_element(a.reps, static_cast<int64_t>(k) * d + m, a.type) : 0.f;  // R_q[n, m], k = q d + n
       },
       acc);
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int r = row0 + row_lane() + kLanes * i;
-    if (r >= rows) continue;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int m = column0 + column_lane() + kLanes * j;
-      if (m >= d) continue;
-      float value = acc.v[i][j];
-      if (a.identity != 0) value += load_element(a.grad, kernel_offset<ChannelsLast>(a, r, 0, m), a.kernel_type);
-      store_element(a.grad_weight, static_cast<int64_t>(r) * d + m, value, a.type);
-    }
-  }
+  for_each_output(row0, column0, rows, d, [&](int i, int j, int r, int m) {
+    float value = acc.v[i][j];
+    if (a.identity != 0) value += load_element(a.grad, kernel_offset<ChannelsLast>(a, r, 0, m), a.kernel_type);
+    store_element(a.grad_weight, static_cast<int64_t>(r) * d + m, value, a.type);
+  });
 }
 
 // One CTA per (run s, learned matrix q, row tile n, column tile m): the sum over the (o, i) rows of run s of
@@ -254,22 +249,14 @@ __global__ void __launch_bounds__(kTileThreads) expand_grad_reps_kernel(Expansio
       },
       acc);
   const int64_t matrix = (static_cast<int64_t>(split) * a.learned + q) * d * d;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int n = n0 + row_lane() + kLanes * i;
-    if (n >= d) continue;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int m = column0 + column_lane() + kLanes * j;
-      if (m >= d) continue;
-      const int64_t offset = matrix + static_cast<int64_t>(n) * d + m;
-      if (a.splits > 1) {
-        a.partials[offset] = acc.v[i][j];
-      } else {
-        store_element(a.grad_reps, offset, acc.v[i][j], a.type);
-      }
+  for_each_output(n0, column0, d, d, [&](int i, int j, int n, int m) {
+    const int64_t offset = matrix + static_cast<int64_t>(n) * d + m;
+    if (a.splits > 1) {
+      a.partials[offset] = acc.v[i][j];
+    } else {
+      store_element(a.grad_reps, offset, acc.v[i][j], a.type);
     }
-  }
+  });
 }
 
 // grad_reps = sum_s partials[s], in the order s = 0, 1, ...
