@@ -268,11 +268,15 @@ SK_DEVICE SmallScaling<LOG> small_row_scaling(const float (&v)[S], const SmallLa
   }
 }
 
+// Writes the lane's row of Θ̄ (active lanes); Ḡ is read where it lies, so that no other register array than the
+// adjoint and the column scalings lives through the loop (with Ḡ and Θ̄ held in registers as well, ptxas spilled
+// 608 bytes per thread at S = 32).
 template <int S, bool LOG>
-SK_DEVICE void small_backward_tile(const float (&v)[S], const float (&grad)[S], const SmallLane& lane, bool active,
-                                   int last, const double* slab, int max_n, float tau, float (&out)[S]) {
+SK_DEVICE void small_backward_tile(const float (&v)[S], const BackwardArgs& a, const SmallLane& lane, bool active,
+                                   int last, const double* slab, int64_t start) {
   using V = SmallScaling<LOG>;
   const int n = lane.matrix.n;
+  const int max_n = a.max_n;
   auto column = [&](int t, int b) -> V {
     return active && b < n ? static_cast<V>(saved_column<LOG>(slab, max_n, t, b)) : V(0);
   };
@@ -281,9 +285,10 @@ SK_DEVICE void small_backward_tile(const float (&v)[S], const float (&grad)[S], 
   float f_bar = 0.f;
 #pragma unroll
   for (int b = 0; b < S; ++b) {
+    const float grad = active && lane.row_ok && b < n ? load_element(a.grad, start + b, a.type) : 0.f;
     const float p = small_entry<LOG>(v[b], r, column(last, b));
-    const float g_bar = group_sum<S>(grad[b] * p);  // ḡ_T
-    adj[b] = p * (grad[b] - g_bar);
+    const float g_bar = group_sum<S>(grad * p);  // ḡ_T
+    adj[b] = p * (grad - g_bar);
     f_bar += adj[b];
   }
   V c_prev[S];
@@ -292,22 +297,18 @@ SK_DEVICE void small_backward_tile(const float (&v)[S], const float (&grad)[S], 
   for (int s = 0; __any_sync(kFullMask, active && last - s >= 2); ++s) {
     const int t = last - s;  // row step t, then column step t - 1
     const bool act = active && t >= 2;
-    float g_bar[S];
+    const V r_before = act ? small_row_scaling<S, LOG>(v, lane, act, slab, max_n, t - 2) : r;  // r_{t-1}
+    float row_sum = 0.f;
 #pragma unroll
     for (int b = 0; b < S; ++b) {
       const float step = act ? small_entry<LOG>(v[b], r, c_prev[b]) * f_bar : 0.f;  // A_t ⊙ f̄_t 1ᵀ
       adj[b] -= step;
-      g_bar[b] = -group_sum<S>(step);  // ḡ_{t-1}
+      const float g_bar = -group_sum<S>(step);  // ḡ_{t-1}
+      const float next = act ? small_entry<LOG>(v[b], r_before, c_prev[b]) * g_bar : 0.f;  // B_{t-1} ⊙ 1ḡ_{t-1}ᵀ
+      adj[b] -= next;
+      row_sum += next;
     }
-    const V r_before = small_row_scaling<S, LOG>(v, lane, act, slab, max_n, t - 2);  // r_{t-1}
-    if (act) r = r_before;
-    float row_sum = 0.f;
-#pragma unroll
-    for (int b = 0; b < S; ++b) {
-      const float step = act ? small_entry<LOG>(v[b], r, c_prev[b]) * g_bar[b] : 0.f;  // B_{t-1} ⊙ 1ḡ_{t-1}ᵀ
-      adj[b] -= step;
-      row_sum += step;
-    }
+    r = r_before;
     f_bar = -row_sum;
     if (act) {
 #pragma unroll
@@ -318,10 +319,11 @@ SK_DEVICE void small_backward_tile(const float (&v)[S], const float (&grad)[S], 
   float total = 0.f;
 #pragma unroll
   for (int b = 0; b < S; ++b) total += adj[b];
+  if (!active || !lane.row_ok) return;
 #pragma unroll
   for (int b = 0; b < S; ++b) {
     const float first = small_entry<LOG>(v[b], r, c_prev[b]);  // A_1
-    if (active) out[b] = (adj[b] - first * total) / tau;
+    if (b < n) store_element(a.out, start + b, (adj[b] - first * total) / a.tau, a.type);
   }
 }
 
@@ -338,25 +340,15 @@ __global__ void __launch_bounds__(kSmallThreads) small_backward_kernel(const Bac
   float v[S];
   float row_max;
   small_load_l0<S>(a.logits, a.type, a.tau, lane, v, row_max);
-  float grad[S];
-  float out[S];
+  if (!log) {
 #pragma unroll
-  for (int b = 0; b < S; ++b) {
-    grad[b] = lane.row_ok && b < n ? load_element(a.grad, start + b, a.type) : 0.f;
-    if (!log) v[b] = lane.row_ok && b < n ? expf(v[b] - row_max) : 0.f;
-    out[b] = 0.f;
+    for (int b = 0; b < S; ++b) v[b] = lane.row_ok && b < n ? expf(v[b] - row_max) : 0.f;
   }
   if (__any_sync(kFullMask, valid && !log)) {
-    small_backward_tile<S, false>(v, grad, lane, valid && !log, last, slab, a.max_n, a.tau, out);
+    small_backward_tile<S, false>(v, a, lane, valid && !log, last, slab, start);
   }
   if (__any_sync(kFullMask, log)) {
-    small_backward_tile<S, true>(v, grad, lane, log, last, slab, a.max_n, a.tau, out);
-  }
-  if (lane.row_ok) {
-#pragma unroll
-    for (int b = 0; b < S; ++b) {
-      if (b < n) store_element(a.out, start + b, out[b], a.type);
-    }
+    small_backward_tile<S, true>(v, a, lane, log, last, slab, start);
   }
 }
 
