@@ -103,13 +103,14 @@ def cases(device: str = "cpu", *, quick: bool = False) -> list[Case]:
     if on_gpu:
         variants += [("bfloat16", None), ("float32", CONV_READY)]
     out = []
-    for workload in QUICK_SHAPES if quick else tuple(SHAPES):
-        out_channels, in_channels, groups, in_groups, k = SHAPES[workload]
-        d = in_groups * k * k
-        for mode in MODES:
-            for dtype, regime in variants:
-                size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-                kernel_size = 2 if regime == CONV_READY else size
+    # Variant by variant, so that a GPU run cut short by its budget has every float32 row first.
+    for dtype, regime in variants:
+        for workload in QUICK_SHAPES if quick else tuple(SHAPES):
+            out_channels, in_channels, groups, in_groups, k = SHAPES[workload]
+            d = in_groups * k * k
+            size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+            kernel_size = 2 if regime == CONV_READY else size
+            for mode in MODES:
                 for provider in [*native_backends(device), REFERENCE]:
                     out.append(
                         Case(
