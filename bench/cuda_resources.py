@@ -33,9 +33,8 @@ ARCHS = ("80", "90")
 FLAGS = ("-std=c++17", "-O3", "-lineinfo", "-Xptxas", "-v", f"-I{CSRC}")
 DEFAULT_OUT = ROOT / "bench" / "results" / "cuda-resources.md"
 
-if (
-    __name__ == "__main__"
-):  # `python bench/cuda_resources.py` puts bench/, not the repository root, on the path
+# `python bench/cuda_resources.py` puts bench/, not the repository root, on the path.
+if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
 
@@ -96,10 +95,16 @@ def _compile_one(nvcc: Path, source: Path, arch: str, flags: list[str], stamp: P
     return Compiled(name, arch, done.returncode, output, time.monotonic() - began)
 
 
+def nvcc_version(nvcc: Path) -> str:
+    from symkernels import _toolchain
+
+    return _toolchain.nvcc_version(nvcc.parent.parent) or "unknown"
+
+
 def compile_sources(nvcc: Path, archs: Sequence[str], jobs: int | None = None) -> list[Compiled]:
     """Every CUDA source compiled for every arch of ``archs``, in parallel (``jobs``: default MAX_JOBS, else
     the CPU count); cached successes cost nothing."""
-    version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    version = nvcc_version(nvcc)
     cache = Path(os.environ.get("SYMKERNELS_CACHE", Path.home() / ".cache" / "symkernels")) / "cuda-sources"
     jobs = jobs or max(1, int(os.environ.get("MAX_JOBS", "0")) or (os.cpu_count() or 1))
     work = []
@@ -204,15 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nvcc failed on {c.source} for sm_{c.arch}:\n{c.output[-4000:]}", file=sys.stderr)
     if failed:
         return 1
-    rows = [row for c in compiled for row in parse_resources(c)]
-    version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
-    version = version.strip().splitlines()[-1]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     from bench.environment import commit
 
-    args.out.write_text(markdown(rows, version, commit()))
+    rows = [row for c in compiled for row in parse_resources(c)]
+    version, sha = nvcc_version(nvcc), commit()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, version, sha))
     kernels = [asdict(r) for r in rows]
-    record = {"nvcc": version, "flags": list(FLAGS[:-1]), "commit": commit(), "kernels": kernels}
+    record = {"nvcc": version, "flags": list(FLAGS[:-1]), "commit": sha, "kernels": kernels}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out} ({len(rows)} kernel builds)")
     return 0

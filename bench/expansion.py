@@ -66,7 +66,7 @@ def make_closure(
 
             def forward() -> torch.Tensor:
                 kernel = expand_kernel_reference(prepend_identity(reps), weight, k)
-                return kernel.to(kernel_dtype, memory_format=layout) if conv_ready else kernel
+                return kernel.to(kernel_dtype, memory_format=layout)  # itself unless conv-ready
 
         else:
 
