@@ -131,14 +131,14 @@ stage info 60 "$PY" -m symkernels info
 # (the parity matrix over every GPU size, T and dtype; the launch contract: streams, CUDA graphs,
 # torch.compile), so that the native kernels are checked even if the rest runs long.
 gpu_stage tests-cuda 150 "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider --maxfail=25 \
-  tests/test_cuda_kernels.py "tests/test_sinkhorn.py::test_gpu_parity_matrix" --junitxml="$WORK/pytest-cuda.xml"
+  tests/ops/test_cuda_kernels.py "tests/ops/test_sinkhorn.py::test_gpu_parity_matrix" --junitxml="$WORK/pytest-cuda.xml"
 # The sm_90 compile check is the no-GPU stand-in for what this machine does for real.
 gpu_stage tests 150 "$PY" -m pytest -m "cuda or triton" -q -rfEs -p no:cacheprovider --maxfail=25 \
-  --deselect tests/test_triton_compile.py::test_kernels_compile_for_hopper_without_spills \
-  --deselect "tests/test_sinkhorn.py::test_gpu_parity_matrix" --ignore tests/test_cuda_kernels.py \
+  --deselect tests/install/test_triton_compile.py::test_kernels_compile_for_hopper_without_spills \
+  --deselect "tests/ops/test_sinkhorn.py::test_gpu_parity_matrix" --ignore tests/ops/test_cuda_kernels.py \
   --junitxml="$WORK/pytest-gpu.xml"
 
-# compute-sanitizer over a short workload per CUDA kernel path (tests/test_cuda_kernels.py -k sanitizer), with
+# compute-sanitizer over a short workload per CUDA kernel path (tests/ops/test_cuda_kernels.py -k sanitizer), with
 # PyTorch's caching allocator off so that every buffer is its own allocation (an overrun inside a cached block
 # is invisible to memcheck). Some sandboxes refuse the device to the tool: that is recorded as a skip with the
 # reason, while an error the tool reports, or a failing test, fails the stage.
@@ -155,7 +155,7 @@ sanitizer_stage() {
     return 0
   fi
   gpu_stage "$name" "$max" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-    --target-processes all "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_kernels.py -k sanitizer
+    --target-processes all "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/ops/test_cuda_kernels.py -k sanitizer
   local log="$WORK/$name.log" last
   last="$(tail -n 1 "$OUT/stages.tsv")"
   if [[ -f "$log" && "$(cut -f2 <<<"$last")" != "0" && "$(cut -f2 <<<"$last")" != "skipped" ]] &&

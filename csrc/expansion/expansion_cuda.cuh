@@ -1,5 +1,5 @@
 // Device code of the CUDA kernel-expansion kernels (expansion_cuda.h): the tiled product and the four kernels built
-// on it. Free of ATen; compiled by expansion_cuda_launchers.cu, and for the host by tests/cuda_emulation.
+// on it. Free of ATen; compiled by expansion_cuda_launchers.cu, and for the host by tests/ops/cuda_emulation.
 #pragma once
 
 #include <cstdint>

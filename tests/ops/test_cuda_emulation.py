@@ -1,6 +1,6 @@
 """The CUDA Sinkhorn and kernel-expansion kernels' logic, run on the CPU.
 
-tests/cuda_emulation compiles the kernel templates of csrc/sinkhorn/sinkhorn_cuda_*.cuh as host code, each
+tests/ops/cuda_emulation compiles the kernel templates of csrc/sinkhorn/sinkhorn_cuda_*.cuh as host code, each
 CUDA thread a fiber (cuda_emulation.h), with the launches the CUDA entry points make; the cluster size and the
 rows of K kept in shared memory are chosen here, to reach every storage path (registers, shared memory, the
 global copy) and the exchange between the CTAs of a cluster. The kernels must match the reference (P,
@@ -25,8 +25,8 @@ from symkernels.functional import prepend_identity
 from symkernels.reference import expand_kernel_reference, sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference, make_logits
 
-ROOT = Path(__file__).resolve().parent.parent
-EMULATION = ROOT / "tests" / "cuda_emulation"
+ROOT = Path(__file__).resolve().parents[2]
+EMULATION = ROOT / "tests" / "ops" / "cuda_emulation"
 CSRC = ROOT / "csrc"
 
 

@@ -3,7 +3,7 @@
 One matrix of cases, run for each implementation (conftest.py's ``implementation`` fixture): P, the
 iterations each matrix ran and the exact gradient, for sizes, dtypes, temperatures, both domains, the
 tolerance exit (per matrix and per stack), ragged groups of stacks; then gradients (gradcheck, the implicit
-gradient, low precision) and the functional API's errors. The op contract is in tests/test_sinkhorn_op.py.
+gradient, low precision) and the functional API's errors. The op contract is in tests/ops/test_sinkhorn_op.py.
 Without a GPU, Triton runs in its CPU interpreter on tiny shapes.
 """
 
@@ -113,7 +113,7 @@ class PoisonedAllocations:
         return False
 
 
-# Cases the property tests found (tests/test_properties.py, long profile), float32 logits, grad_p = linspace.
+# Cases the property tests found (tests/ops/test_properties.py, long profile), float32 logits, grad_p = linspace.
 # "saturated": one iteration at tau ≈ 2.4e-3; the true gradient of row 1 is ±1.6e-14, about 1e-17 of
 # |grad_p| / tau, and one float64 ulp of P[1, 0] (≈ 1) moves it by about that much (the float64 autograd truth
 # gets P[1, 0] exactly 1 and one of those entries exactly 0). "cancelling": two iterations of near-uniform

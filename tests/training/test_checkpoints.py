@@ -119,7 +119,7 @@ KILLED_CHILD = r"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from tests.test_checkpoints import QUIET, stop_in_checkpoint_write, tiny_config
+from tests.training.test_checkpoints import QUIET, stop_in_checkpoint_write, tiny_config
 from symkernels.training import checkpoint, train
 
 marker = Path(sys.argv[2])
@@ -133,7 +133,7 @@ train(tiny_config(), QUIET, out=sys.argv[1])
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resumes(reference, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "writing"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(out), str(marker), str(repo)])
     try:
         deadline = time.monotonic() + 300

@@ -18,7 +18,7 @@ from symkernels import _jit, _native
 from symkernels._toolchain import find_cuda_home
 from symkernels.info import collect_info, format_info
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 # Run in a fresh interpreter against an install in sys.path[0]; prints what it found as JSON.

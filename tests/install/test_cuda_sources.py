@@ -20,7 +20,7 @@ import torch
 
 from bench.cuda_resources import ARCHS, Compiled, compile_sources, cuda_sources, find_nvcc, parse_resources
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 
 

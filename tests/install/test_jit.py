@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 
 from symkernels import _jit, _toolchain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPILING = "symkernels: compiling the native library"
 
 # Run in a fresh interpreter; prints what it found as JSON on its last line.
