@@ -5,7 +5,8 @@
 Compiles every ``csrc/**/*.cu`` with ``nvcc -c -Xptxas -v`` for each architecture (no GPU needed; the block
 Sinkhorn kernels take minutes of CPU per architecture) and tabulates ptxas's report per kernel, in Markdown
 (``--out``) and JSON (the same path with ``.json``). A compile's output is cached by a hash of the sources,
-the flags and the nvcc version, shared with ``tests/install/test_cuda_sources.py``, which compiles the same way.
+the flags and the nvcc version, shared with ``tests/install/test_cuda_sources.py``, which compiles the same
+way.
 Dynamic shared memory is chosen at launch (per n for the Sinkhorn block kernels) and is not in this report.
 """
 
