@@ -1,6 +1,6 @@
 """Run the benchmark suite, or part of it, and write its report.
 
-    python -m bench [--quick] [--ops sinkhorn,expansion,layer,train-step,overhead] [--threads 1 2]
+    python -m bench [--quick] [--ops sinkhorn,expansion,layer,train-step,overhead,compat] [--threads 1 2]
                     [--only REGEX] [--device cpu] [--out FILE] [--budget-s S] [--rounds N] [--busy N]
                     [--no-report] [--readme]
     python -m bench report [--results FILE] [--readme]
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path
 
 from bench import harness
 
-OP_NAMES = ("sinkhorn", "expansion", "layer", "train-step", "overhead")
+OP_NAMES = ("sinkhorn", "expansion", "layer", "train-step", "overhead", "compat")
 QUICK_OPS = ("sinkhorn", "expansion", "layer", "train-step")
 
 
@@ -45,6 +45,8 @@ def op_cases(name: str) -> Callable[..., list[harness.Case]]:
         from bench import train_step as module
     elif name == "overhead":
         from bench import overhead as module
+    elif name == "compat":
+        from bench import compat as module
     else:
         raise ValueError(f"unknown op {name!r}; expected some of {list(OP_NAMES)}")
     return module.cases

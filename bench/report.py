@@ -86,6 +86,13 @@ def step_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return table(selected, ("workload",), order, ratios, memory=True)
 
 
+def compat_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    selected = [r for r in rows if r["op"] == "compat"]
+    order = ["compat", "compat-fixed", "reference-authors-loop"]
+    ratios = [("authors' loop vs compat", ("reference-authors-loop",), ("compat",))]
+    return table(selected, ("workload",), order, ratios, memory=True)
+
+
 def layer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     selected = sorted(
         (r for r in rows if r["op"] == "layer"), key=lambda r: (r["mode"] != "fwd+bwd", r["workload"])
@@ -192,6 +199,7 @@ def markdown(
             ("Goals", goal_lines(goals(setup, rows))),
             ("Sinkhorn", sinkhorn_table(setup, rows)),
             ("Training step", step_table(rows) + [""] + profile_lines(rows)),
+            ("Published-API training step (symkernels.compat)", compat_table(rows)),
             ("One weight-sharing layer", layer_table(rows)),
             ("Kernel expansion", expansion_table(setup, rows)),
             ("Per-call overhead of symkernels.sinkhorn", overhead_table(rows)),
