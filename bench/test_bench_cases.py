@@ -49,12 +49,25 @@ def marks(case: harness.Case) -> pytest.MarkDecorator:
     return pytest.mark.benchmark(group=group_label(case))
 
 
+def planned(config: pytest.Config) -> list[harness.Case]:
+    """The quick set (--bench-quick); else every case of ``python -m bench``, and the quick set's own smaller
+    workloads, so that any case id a run printed can be chosen with -k."""
+    device = str(option(config, "bench_device", "cpu"))
+    quick_cases = plan(QUICK_OPS, device, quick=True, only=None)
+    if quick(config):
+        return quick_cases
+    cases = plan(OP_NAMES, device, quick=False, only=None)
+    known = {case.id for case in cases}
+    cases += [case for case in quick_cases if case.id not in known]
+    cases.sort(key=lambda case: case.section == "compiled")  # as plan() orders them: long compilations last
+    return cases
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    device = str(option(config, "bench_device", "cpu"))
-    cases = plan(QUICK_OPS if quick(config) else OP_NAMES, device, quick=quick(config), only=None)
+    cases = planned(config)
     config.stash[CASES] = {case.id: case for case in cases}
     params = [pytest.param(case.id, id=case.id, marks=marks(case)) for case in cases]
     metafunc.parametrize("case", params, indirect=True)

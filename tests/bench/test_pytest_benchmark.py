@@ -30,12 +30,15 @@ def pytest_bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_every_case_of_every_op_script_is_a_test_named_by_its_id():
+def test_every_case_of_every_op_script_and_of_the_quick_set_is_a_test_named_by_its_id():
     result = pytest_bench("--collect-only", "-q")
     assert result.returncode == 0, result.stdout[-3000:]
     prefix = "bench/test_bench_cases.py::test_case["
     ids = [line[len(prefix) : -1] for line in result.stdout.splitlines() if line.startswith(prefix)]
-    assert ids == [case.id for case in plan(OP_NAMES, "cpu", quick=False, only=None)]
+    full = [case.id for case in plan(OP_NAMES, "cpu", quick=False, only=None)]
+    quick = [case.id for case in plan(QUICK_OPS, "cpu", quick=True, only=None)]
+    assert len(ids) == len(set(ids)) and set(ids) == set(full) | set(quick)
+    assert [i for i in ids if i in set(full)] == full  # in the order python -m bench runs them
 
 
 def test_a_quick_case_is_timed_as_the_harness_times_it_quietly(tmp_path):
