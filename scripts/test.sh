@@ -14,4 +14,5 @@ if [ $# -gt 0 ]; then
 fi
 .venv/bin/python -m pytest
 echo "test: pytest bench --bench-quick --benchmark-disable"
+.venv/bin/python -c "import pytest_benchmark"  # without it the smoke test would only skip
 exec .venv/bin/python -m pytest bench --bench-quick --benchmark-disable -p no:cacheprovider
