@@ -23,8 +23,15 @@ def option(config: pytest.Config, name: str, default: object) -> object:
     return config.getoption(name, default=default)
 
 
+# What changes from run to run on one machine: pytest-benchmark warns whenever a saved run's machine_info
+# differs from the current one's, so these stay out of it (the commit is in commit_info, the load average in
+# each benchmark's extra_info).
+PER_RUN = ("date", "load_avg", "commit")
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-benchmark hook: absent without the plugin
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from bench.environment import environment
 
-    machine_info["symkernels"] = environment(str(option(config, "bench_device", "cpu")))
+    env = environment(str(option(config, "bench_device", "cpu")))
+    machine_info["symkernels"] = {key: value for key, value in env.items() if key not in PER_RUN}

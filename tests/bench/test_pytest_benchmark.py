@@ -72,3 +72,20 @@ def test_a_quick_case_is_timed_as_the_harness_times_it_quietly(tmp_path):
     assert stats["rounds"] == info["rounds"] == harness.QUICK.rounds
     assert stats["iterations"] == info["calls_per_sample"] >= 1
     assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_a_saved_run_is_compared_without_a_machine_warning(tmp_path):
+    case = "expansion/cpu/fwd/mnist-lift"  # a quick case of microseconds
+    (expansion,) = plan(["expansion"], "cpu", quick=True, only=f"^{case}$")
+    if harness._safe_requires(expansion) is not None:
+        pytest.skip(f"{case} cannot run here: {harness._safe_requires(expansion)}")
+    options = ("--bench-quick", "--benchmark-only", "-k", case, f"--benchmark-storage=file://{tmp_path}")
+    saved = pytest_bench(*options, "--benchmark-autosave")
+    assert saved.returncode == 0, saved.stdout[-3000:]
+    assert len(list(tmp_path.rglob("0001_*.json"))) == 1
+    compared = pytest_bench(*options, "--benchmark-compare")
+    assert compared.returncode == 0, compared.stdout[-3000:]
+    # The load average, the date and the commit change between runs: they are not in machine_info.
+    assert "machine_info is different" not in compared.stdout
+    rows = [line.split()[1] for line in compared.stdout.splitlines() if line.startswith(f"test_case[{case}]")]
+    assert len(rows) == 2 and "(NOW)" in rows and any(row.startswith("(0001_") for row in rows), rows
