@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -41,30 +42,50 @@ def test_every_case_of_every_op_script_and_of_the_quick_set_is_a_test_named_by_i
     assert [i for i in ids if i in set(full)] == full  # in the order python -m bench runs them
 
 
-def test_a_quick_case_is_timed_as_the_harness_times_it_quietly(tmp_path):
+# A training step (profiling its peak memory frees blocks allocated before, which c10 warns about), and a peer
+# that may be missing here.
+TIMED, MAYBE_SKIPPED = "train-step/ws-cpu/train-step/mnist-wscnn-c8-b8", "layer/escnn/fwd/mnist-lift-b8"
+QUICK = ("--bench-quick", "--benchmark-only")
+
+
+@dataclass
+class SavedRun:
+    output: str
+    report: dict
+    storage: str  # --benchmark-storage option
+    skip_reason: str | None  # the harness's reason for MAYBE_SKIPPED
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> SavedRun:
+    """One quick run of TIMED and MAYBE_SKIPPED, autosaved: its JSON report and its output (-s: pytest
+    captures nothing, so whatever the run writes to the descriptors is in it)."""
     cases = {case.id: case for case in plan(QUICK_OPS, "cpu", quick=True, only=None)}
-    # A training step (profiling its peak memory frees blocks allocated before, which c10 warns about), and a
-    # peer that may be missing here.
-    timed, maybe_skipped = "train-step/ws-cpu/train-step/mnist-wscnn-c8-b8", "layer/escnn/fwd/mnist-lift-b8"
-    if harness._safe_requires(cases[timed]) is not None:
-        pytest.skip(f"{timed} cannot run here: {harness._safe_requires(cases[timed])}")
-    reason = harness._safe_requires(cases[maybe_skipped])
-    report = tmp_path / "run.json"
-    selection = f"{timed} or {maybe_skipped}"
-    # -s: pytest captures nothing, so whatever the run writes to the descriptors is in the output.
-    json_option = f"--benchmark-json={report}"
-    result = pytest_bench("--bench-quick", "--benchmark-only", "-k", selection, "-s", "-rs", json_option)
+    if harness._safe_requires(cases[TIMED]) is not None:
+        pytest.skip(f"{TIMED} cannot run here: {harness._safe_requires(cases[TIMED])}")
+    folder = tmp_path_factory.mktemp("saved")
+    report, storage = folder / "run.json", f"--benchmark-storage=file://{folder / 'storage'}"
+    selection = f"{TIMED} or {MAYBE_SKIPPED}"
+    result = pytest_bench(
+        *QUICK, "-k", selection, "-s", "-rs", f"--benchmark-json={report}", storage, "--benchmark-autosave"
+    )
     assert result.returncode == 0, result.stdout[-3000:]
-    assert_no_profiler_line(result.stdout)
-    benchmarks = {b["extra_info"]["id"]: b for b in json.loads(report.read_text())["benchmarks"]}
-    if reason is None:  # escnn is installed here: both are timed
-        assert sorted(benchmarks) == sorted([timed, maybe_skipped])
+    return SavedRun(
+        result.stdout, json.loads(report.read_text()), storage, harness._safe_requires(cases[MAYBE_SKIPPED])
+    )
+
+
+def test_a_quick_case_is_timed_as_the_harness_times_it_quietly(saved_run: SavedRun):
+    assert_no_profiler_line(saved_run.output)
+    benchmarks = {b["extra_info"]["id"]: b for b in saved_run.report["benchmarks"]}
+    if saved_run.skip_reason is None:  # escnn is installed here: both are timed
+        assert sorted(benchmarks) == sorted([TIMED, MAYBE_SKIPPED])
     else:
-        assert list(benchmarks) == [timed] and "SKIPPED [1] bench/test_bench_cases.py" in result.stdout
-        assert reason in result.stdout.replace("\n", "")
-    benchmark = benchmarks[timed]
+        assert list(benchmarks) == [TIMED] and "SKIPPED [1] bench/test_bench_cases.py" in saved_run.output
+        assert saved_run.skip_reason in saved_run.output.replace("\n", "")
+    benchmark = benchmarks[TIMED]
     info, stats = benchmark["extra_info"], benchmark["stats"]
-    assert info["id"] == timed and benchmark["group"] == "train-step/train-step/mnist-wscnn-c8-b8"
+    assert benchmark["group"] == "train-step/train-step/mnist-wscnn-c8-b8"
     assert info["device"] == "cpu" and info["threads"] == 1 and len(info["load_avg"]) == 3
     assert info["provider"] == "ws-cpu" and info["workload"] == "mnist-wscnn-c8-b8"
     assert info["mode"] == "train-step" and "cpu" in info["backends"]
@@ -74,18 +95,12 @@ def test_a_quick_case_is_timed_as_the_harness_times_it_quietly(tmp_path):
     assert 0 < stats["min"] <= stats["median"] <= stats["max"]
 
 
-def test_a_saved_run_is_compared_without_a_machine_warning(tmp_path):
-    case = "expansion/cpu/fwd/mnist-lift"  # a quick case of microseconds
-    (expansion,) = plan(["expansion"], "cpu", quick=True, only=f"^{case}$")
-    if harness._safe_requires(expansion) is not None:
-        pytest.skip(f"{case} cannot run here: {harness._safe_requires(expansion)}")
-    options = ("--bench-quick", "--benchmark-only", "-k", case, f"--benchmark-storage=file://{tmp_path}")
-    saved = pytest_bench(*options, "--benchmark-autosave")
-    assert saved.returncode == 0, saved.stdout[-3000:]
-    assert len(list(tmp_path.rglob("0001_*.json"))) == 1
-    compared = pytest_bench(*options, "--benchmark-compare")
+def test_a_saved_run_is_compared_without_a_machine_warning(saved_run: SavedRun):
+    compared = pytest_bench(*QUICK, "-k", TIMED, saved_run.storage, "--benchmark-compare")
     assert compared.returncode == 0, compared.stdout[-3000:]
     # The load average, the date and the commit change between runs: they are not in machine_info.
     assert "machine_info is different" not in compared.stdout
-    rows = [line.split()[1] for line in compared.stdout.splitlines() if line.startswith(f"test_case[{case}]")]
+    rows = [
+        line.split()[1] for line in compared.stdout.splitlines() if line.startswith(f"test_case[{TIMED}]")
+    ]
     assert len(rows) == 2 and "(NOW)" in rows and any(row.startswith("(0001_") for row in rows), rows
