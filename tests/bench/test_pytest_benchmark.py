@@ -13,6 +13,7 @@ import pytest
 
 from bench import harness
 from bench.__main__ import OP_NAMES, QUICK_OPS, plan
+from bench.test_bench_cases import planned
 from tests.bench.profiler_log import assert_no_profiler_line, default_log_levels
 
 pytest.importorskip("pytest_benchmark", reason="needs pytest-benchmark (pip install -e '.[bench]')")
@@ -31,15 +32,23 @@ def pytest_bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_every_case_of_every_op_script_and_of_the_quick_set_is_a_test_named_by_its_id():
-    result = pytest_bench("--collect-only", "-q")
-    assert result.returncode == 0, result.stdout[-3000:]
-    prefix = "bench/test_bench_cases.py::test_case["
-    ids = [line[len(prefix) : -1] for line in result.stdout.splitlines() if line.startswith(prefix)]
+class Options:
+    """The command line's --bench-* options, as ``pytest.Config.getoption`` returns them."""
+
+    def __init__(self, **values: object) -> None:
+        self.values = values
+
+    def getoption(self, name: str, default: object = None) -> object:
+        return self.values.get(name, default)
+
+
+def test_every_case_of_every_op_script_and_of_the_quick_set_is_a_test():
     full = [case.id for case in plan(OP_NAMES, "cpu", quick=False, only=None)]
     quick = [case.id for case in plan(QUICK_OPS, "cpu", quick=True, only=None)]
+    ids = [case.id for case in planned(Options())]
     assert len(ids) == len(set(ids)) and set(ids) == set(full) | set(quick)
     assert [i for i in ids if i in set(full)] == full  # in the order python -m bench runs them
+    assert [case.id for case in planned(Options(bench_quick=True))] == quick
 
 
 # A training step (profiling its peak memory frees blocks allocated before, which c10 warns about), and a peer
