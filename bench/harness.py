@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from bench.environment import busy_processes, environment, load_average, package_version
-from bench.timing import Closure, Timer, peak_bytes, summary_ms
+from bench.timing import Closure, Timer, peak_bytes, quiet_profiler, summary_ms
 
 __all__ = ["busy_processes", "environment", "load_average", "package_version"]
 
@@ -135,6 +135,30 @@ def _safe_requires(case: Case) -> str | None:
         return f"checking what it needs failed: {type(error).__name__}: {error}"
 
 
+def first_call(case: Case) -> tuple[Closure, float]:
+    """The case's closure, called once; and the seconds that building it and the call took (compilation,
+    autotuning and first-touch allocations happen here)."""
+    started = time.perf_counter()
+    fn = case.make()
+    fn()
+    Timer(case.device).sync()
+    return fn, time.perf_counter() - started
+
+
+def calibrate(fn: Closure, case: Case, settings: Settings, first_call_s: float) -> tuple[int, int]:
+    """Warm ``fn`` up after its first call and choose ``(calls per sample, rounds)``: a sample lasts about
+    ``settings.sample_s``; a slow call gets fewer rounds (``settings.case_s``, ``settings.min_rounds``)."""
+    # A call already longer than a sample needs no further warm-up.
+    warmup = settings.warmup if first_call_s < settings.sample_s * 10 else 0
+    for _ in range(warmup):
+        fn()
+    estimate = Timer(case.device).elapsed_s(fn, 1) if warmup else first_call_s
+    calls = max(1, min(settings.max_calls, int(settings.sample_s / max(estimate, 1e-7))))
+    wanted = case.rounds or settings.rounds
+    affordable = int(settings.case_s / max(calls * estimate, 1e-9))
+    return calls, max(min(wanted, settings.min_rounds), min(wanted, affordable))
+
+
 def measure_group(cases: Sequence[Case], settings: Settings) -> list[dict[str, Any]]:
     """Time the providers of one group, interleaved; never raises (failures are recorded in the rows)."""
     threads = torch.get_num_threads()
@@ -148,29 +172,16 @@ def measure_group(cases: Sequence[Case], settings: Settings) -> list[dict[str, A
             row.update(status="skipped", reason=reason)
             continue
         try:
-            started = time.perf_counter()
-            fn = case.make()
-            fn()  # compilation, autotuning and first-touch allocations happen here
-            Timer(case.device).sync()
-            row["first_call_s"] = time.perf_counter() - started
-            live[index] = fn
+            live[index], row["first_call_s"] = first_call(case)
         except Exception as error:
             row.update(status="error", error=error_record(error))
     # Calls per sample from one timed call after the warm-up.
     calls: dict[int, int] = {}
     rounds_of: dict[int, int] = {}
     for index, fn in list(live.items()):
-        timer = Timer(cases[index].device)
         try:
-            # A call already longer than a sample needs no further warm-up.
-            warmup = settings.warmup if rows[index]["first_call_s"] < settings.sample_s * 10 else 0
-            for _ in range(warmup):
-                fn()
-            estimate = timer.elapsed_s(fn, 1) if warmup else rows[index]["first_call_s"]
-            calls[index] = max(1, min(settings.max_calls, int(settings.sample_s / max(estimate, 1e-7))))
-            wanted = cases[index].rounds or settings.rounds
-            affordable = int(settings.case_s / max(calls[index] * estimate, 1e-9))
-            rounds_of[index] = max(min(wanted, settings.min_rounds), min(wanted, affordable))
+            first_s = rows[index]["first_call_s"]
+            calls[index], rounds_of[index] = calibrate(fn, cases[index], settings, first_s)
         except Exception as error:
             rows[index].update(status="error", error=error_record(error))
             del live[index]
@@ -216,7 +227,8 @@ def measure_group(cases: Sequence[Case], settings: Settings) -> list[dict[str, A
                     torch.cuda.synchronize()
         if case.after is not None:
             try:
-                row.update(case.after(fn))
+                with quiet_profiler():  # the extra measurements profile
+                    row.update(case.after(fn))
             except Exception as error:
                 row["after_error"] = error_record(error)
     return [rows[index] for index in range(len(cases))]

@@ -3,15 +3,28 @@ caching allocator's or the profiler's peak, and the summary statistics of the sa
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 Closure = Callable[[], object]
+
+# What torch's profiler writes from C++ to the process's stderr: Kineto's log each time it starts and
+# stops (``USDT: ... profiler_start``, ``STAGE: ...``; ``ERROR: ... gpuGetDeviceCount failed`` on a machine
+# without a GPU), and c10's warning when a block allocated before the profiling is freed during it.
+PROFILER_LOG_LINE = re.compile(
+    rb"(?:VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-\d\d-\d\d [\d:.]+ \d+:\d+ \S+:\d+\] "
+    rb"|\[W\d{4} [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size"
+)
 
 
 class Timer:
@@ -57,11 +70,47 @@ class Timer:
         return [self.elapsed_s(graph.replay, 1) / calls for _ in range(rounds)]
 
 
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop the profiler's log lines (``PROFILER_LOG_LINE``) written during the block; pass the rest on.
+
+    The profiler is what measures the CPU's peak memory (the CPU allocator keeps no statistics), and it logs
+    two lines or more per use, from C++ straight to file descriptor 2, bypassing ``sys.stderr``. Kineto's own
+    knob, ``KINETO_LOG_LEVEL``, is read only when a process first profiles, and its top level is the very
+    ``profiler_start`` line: it could silence the start and stop lines only with Kineto's errors, and never
+    c10's warning. So descriptor 2 goes to a file for the block, and what else was written there goes back to
+    stderr after it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().splitlines(keepends=True)
+            kept = [line for line in lines if not PROFILER_LOG_LINE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def cuda_clock() -> float:
+    """``perf_counter`` once the current CUDA device has run what was queued: pytest-benchmark's timer for the
+    CUDA cases (bench/test_bench_cases.py), so that a round of calls includes their kernels."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def peak_bytes(fn: Closure, device: str) -> int | None:
     """Peak memory allocated during one call of ``fn``, above what was allocated before it (bytes).
 
     CUDA: the caching allocator's peak. CPU: the running sum of the allocations and frees that the profiler
-    records during the call (``profile_memory``), in time order; None when the profiler cannot say.
+    records during the call (``profile_memory``), in time order; None when the profiler cannot say. The
+    profiler's log lines are dropped (``quiet_profiler``).
     """
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,7 +121,7 @@ def peak_bytes(fn: Closure, device: str) -> int | None:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
