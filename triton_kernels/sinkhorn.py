@@ -69,6 +69,14 @@ def saved_column(vec, t, vec_stride, col_mask, LOG: tl.constexpr):
 
 
 @triton.jit
+def iteration_limit(cap, n_iter):
+    """A matrix's iteration limit from its cap, clamped to ``1..n_iter`` as the CUDA kernels clamp it (the
+    launchers cannot check caps without a host sync): never past the end of ``cols``, and at least one
+    iteration, so that P is always an iterate."""
+    return tl.minimum(tl.maximum(cap, 1), n_iter)
+
+
+@triton.jit
 def zero_columns_from(vec, t, n_iter, vec_stride, zero, mask):
     """Store ``zero`` as the saved scalings of iterations ``t + 1 .. n_iter`` (those no matrix here ran)."""
     while t < n_iter:

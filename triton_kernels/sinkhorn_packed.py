@@ -5,7 +5,7 @@ state and the backward are described in :mod:`.sinkhorn`."""
 import triton
 import triton.language as tl
 
-from .sinkhorn import first_column, saved_column, zero_columns_from
+from .sinkhorn import first_column, iteration_limit, saved_column, zero_columns_from
 from .sinkhorn_tiles import (
     any_outside,
     column_partials,
@@ -128,7 +128,7 @@ def packed_forward_kernel(
 ):
     live, off, n, index = _packed_matrices(meta_ptr, num_matrices, MB)
     if CAPPED:
-        limit = tl.minimum(tl.load(caps_ptr + index, mask=live, other=0), n_iter)  # never past cols' end
+        limit = tl.where(live, iteration_limit(tl.load(caps_ptr + index, mask=live, other=1), n_iter), 0)
     else:
         limit = tl.where(live, n_iter, 0)
     l0, row_mask, col_mask = matrix_rows(x_ptr, off, n, 0, tau, BN, BN)

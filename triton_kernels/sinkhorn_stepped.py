@@ -27,7 +27,7 @@ fixed, ``n_iter + 1`` launches each way whatever the matrices do:
 import triton
 import triton.language as tl
 
-from .sinkhorn import saved_column
+from .sinkhorn import iteration_limit, saved_column
 from .sinkhorn_chunked_backward import column_adjoint_rows, gradient_rows, last_column_adjoint_rows
 from .sinkhorn_tiles import (
     column_partials,
@@ -123,7 +123,7 @@ def stepped_forward_kernel(
         meta_ptr, programs_ptr, n_iter, vec_stride, BN
     )
     if CAPPED:
-        limit = tl.minimum(tl.load(caps_ptr + index), n_iter)  # every matrix stops by launch n_iter
+        limit = iteration_limit(tl.load(caps_ptr + index), n_iter)  # every matrix stops by launch n_iter
     else:
         limit = n_iter
     first_slab = row_begin == 0

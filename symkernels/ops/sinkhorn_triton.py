@@ -252,14 +252,18 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p, cols, domain, iterations)`` for the matrices of ``logits`` (1-D, contiguous; float16, bfloat16
     or float32, computed in float32): P like ``logits``; ``cols`` float64 ``[M, n_iter, max(sizes)]``, the
-    column scalings ``c_t``/``g_t`` of the iterations each matrix ran and 0 elsewhere; ``domain`` int32
-    ``[M]`` (0 scaling, 1 log); ``iterations`` int32 ``[M]``, the ``T_m`` run.
+    column scalings ``c_t``/``g_t`` of the iterations each matrix ran and 0 elsewhere (``max(sizes)`` over
+    the stacks that hold matrices); ``domain`` int32 ``[M]`` (0 scaling, 1 log); ``iterations`` int32 ``[M]``,
+    the ``T_m`` run.
 
-    A matrix runs at most ``caps[m]`` iterations (int32 ``[M]``, each in ``1..n_iter``; ``None``: ``n_iter``),
-    and with ``tol > 0`` stops at the first iterate whose row sums are all within ``tol`` of 1.
+    A matrix runs at most ``caps[m]`` iterations (int32 ``[M]``, clamped to ``1..n_iter`` on the device as
+    the CUDA kernels do; ``None``: ``n_iter``), and with ``tol > 0`` stops at the first iterate whose row sums
+    are all within ``tol`` of 1.
     """
     device = logits.device
-    num_matrices, max_n = sum(counts), max(sizes, default=0)
+    num_matrices = sum(counts)
+    # As the op's contract (and its fake) says: the largest matrix's n; an empty stack's size does not count.
+    max_n = max((n for n, count in zip(sizes, counts, strict=True) if count), default=0)
     layout = _layout(sizes, counts, device)
     p = torch.empty_like(logits)
     # A launch writes the first BN columns of its matrices' saved scalings; when a larger matrix elsewhere in
