@@ -22,7 +22,7 @@ import torch
 import triton
 
 from symkernels._checks import check_positive_int
-from symkernels.ops.triton_support import INTERPRETED
+from symkernels.ops.triton_support import INTERPRETED, launched_on_its_device
 from symkernels.triton_kernels.sinkhorn_chunked import chunked_forward_kernel
 from symkernels.triton_kernels.sinkhorn_chunked_backward import chunked_backward_kernel
 from symkernels.triton_kernels.sinkhorn_packed import packed_backward_kernel, packed_forward_kernel
@@ -241,6 +241,7 @@ def _layout(sizes: Sequence[int], counts: Sequence[int], device: torch.device) -
 # Forward.
 
 
+@launched_on_its_device
 def forward(
     logits: torch.Tensor,
     sizes: list[int],
@@ -332,6 +333,7 @@ def forward(
 # Backward.
 
 
+@launched_on_its_device
 def backward(
     grad_p: torch.Tensor,
     logits: torch.Tensor,
