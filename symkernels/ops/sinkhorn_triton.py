@@ -129,10 +129,13 @@ def packed_plan(
 
     About 16 tile values per thread, fewer where a kernel keeps more state per matrix (ptxas, sm_90): 8 for a
     forward that stops matrices one by one (``stopping``: caps or a tolerance), 4 for the backward of
-    matrices smaller than 16.
+    matrices smaller than 16 and 8 for that of ``BN = 16``.
     """
     block = _block(max_n)
-    per_thread = 4 if backward and block < 16 else 8 if stopping else 16
+    if backward:
+        per_thread = 4 if block < 16 else 8 if block == 16 else 16
+    else:
+        per_thread = 8 if stopping else 16
     elements = _tuning.packed_elements * per_thread // 16
     per_program = min(_floor_pow2(elements // (block * block)), _block(num_matrices))
     # One matrix larger than `elements` keeps the warps of `elements`: more would cap each one's registers.
