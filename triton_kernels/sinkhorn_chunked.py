@@ -147,7 +147,7 @@ def _chunked_write(
         tl.store(ptrs, entries(tile, row, col, LOG), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_iter"])
 def chunked_forward_kernel(
     x_ptr,
     k_ptr,

@@ -104,7 +104,7 @@ def _packed_iterate(
     return entries(tile, row, col, LOG), done, escaped
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices", "n_iter"])
 def packed_forward_kernel(
     x_ptr,
     p_ptr,
@@ -214,7 +214,7 @@ def _packed_backward_tile(tile, grad, vec, vec_stride, last, row_mask, col_mask,
     return adj - first * tl.sum(adj, axis=2, keep_dims=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices", "n_iter"])
 def packed_backward_kernel(
     grad_ptr,
     x_ptr,

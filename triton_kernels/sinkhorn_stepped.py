@@ -92,7 +92,7 @@ def _lowest_status(status_ptr, first, count, valid):
     return lowest
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s", "n_iter", "num_programs"])
 def stepped_forward_kernel(
     x_ptr,
     p_ptr,
@@ -170,7 +170,7 @@ def stepped_forward_kernel(
     tl.store(status_ptr + (s % 2) * num_programs + prog, status)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "n_iter", "num_programs"])
 def stepped_backward_step_kernel(
     grad_ptr,
     x_ptr,
@@ -244,7 +244,7 @@ def stepped_backward_step_kernel(
         tl.store(partials_ptr + (k % 2) * plane + prog * BN + lanes, partial)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_iter", "num_programs"])
 def stepped_backward_final_kernel(
     grad_ptr,
     x_ptr,
