@@ -34,7 +34,7 @@
 #                             runs on the CPU)
 #   memcheck        40 / 60   compute-sanitizer over tests/ops/test_cuda_kernels.py -k sanitizer (one process,
 #   racecheck       40 / 60   caching allocator off)
-#   tests-triton    90 / 120  pytest -m triton, the parity matrix first: about 260 Triton compiles (64 of them
+#   tests-triton    90 / 120  pytest -m triton, the parity matrix first: about 200 Triton compiles (64 of them
 #                             the parity matrix's; counted from the kernels' specialisation keys), a few
 #                             seconds each, in 8 processes; the property tests stay with the interpreter
 #   bench-sinkhorn  60 / 70   bandwidth and the Sinkhorn goal rows (model stacks first)
