@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,8 +29,8 @@ def poison(monkeypatch, module) -> None:
 
 # ------------------------------------------------------------------------------------------------------------
 # The GPU's approximate float32 arithmetic, in Triton's interpreter (which computes every operation correctly
-# rounded in numpy). What Triton 3.6 and 3.8 compile each float32 operation to for NVIDIA GPUs (read from the PTX
-# of the kernels compiled for sm_90), and the error each gets here (CUDA C Programming Guide, intrinsic
+# rounded in numpy). What Triton 3.6 and 3.8 compile each float32 operation to for NVIDIA GPUs (read from the
+# PTX of the kernels compiled for sm_90), and the error each gets here (CUDA C Programming Guide, intrinsic
 # functions):
 #
 #   x / y       div.full.f32                          2 ulps
@@ -118,3 +120,32 @@ def gpu_float32_arithmetic() -> Iterator[None]:
     finally:
         for name, function in saved.items():
             setattr(builder, name, function)
+
+
+@contextlib.contextmanager
+def only_programs(select) -> Iterator[None]:
+    """Triton's interpreter runs, of every launch, only the programs ``select(kernel name, program id)``
+    picks (the others do nothing): a test of a grid too large to interpret whole runs a few programs of it,
+    the first and the last among them."""
+    from triton.runtime import interpreter
+
+    executor = interpreter.GridExecutor
+    original = executor.__init__
+
+    def init(self, fn, *args, **kwargs):
+        original(self, fn, *args, **kwargs)
+        run, name = self.fn, fn.__name__
+
+        def some(**arguments):
+            if select(name, interpreter.interpreter_builder.grid_idx[0]):
+                run(**arguments)
+
+        # With the kernel's globals (the interpreter looks for triton.language there) and its signature.
+        self.fn = types.FunctionType(some.__code__, run.__globals__, name, None, some.__closure__)
+        self.fn.__signature__ = inspect.signature(run)
+
+    executor.__init__ = init
+    try:
+        yield
+    finally:
+        executor.__init__ = original

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import symkernels
 from symkernels.reference import sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference, make_logits
-from tests.triton_testing import poison
+from tests.triton_testing import only_programs, poison
 
 pytest.importorskip("triton")
 
@@ -280,3 +281,62 @@ def test_caps_limit_each_matrix(layout, tol, triton_device, monkeypatch):
     assert all(t <= cap for t, cap in zip(iterations.tolist(), caps, strict=True))
     if tol == 0.0:
         assert iterations.tolist() == caps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The hyper-connection workload: [262144, n, n] at T = 20 for n = 4 and 8, with the GPU's tuning (packed
+# programs of 256 or 64 matrices, 1024 or 4096 of them).
+
+HYPER_BATCH = 262_144
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_hyper_connection_batches_on_a_few_programs(n, monkeypatch):
+    """In the interpreter, which cannot run the whole grid in seconds: the programs that serve the first, a
+    middle and the last matrices, forward and backward, with every other output left as allocated (NaN)."""
+    from symkernels.ops.triton_support import INTERPRETED
+
+    if not INTERPRETED:
+        pytest.skip("the whole batch runs on the GPU (test_hyper_connection_batches_on_the_gpu)")
+    with sinkhorn_triton.tuning(packed_elements=sinkhorn_triton.Tuning().packed_elements):
+        forward_mb = sinkhorn_triton.packed_plan(n, HYPER_BATCH)["MB"]
+        backward_mb = sinkhorn_triton.packed_plan(n, HYPER_BATCH, backward=True)["MB"]
+        windows = [0, HYPER_BATCH // 2, HYPER_BATCH - forward_mb]  # first matrices of forward programs
+
+        def served(name, program):
+            first = program * (backward_mb if "backward" in name else forward_mb)
+            return any(start <= first < start + forward_mb for start in windows)
+
+        x = make_logits(HYPER_BATCH * n * n, seed=n, scale=2.0)
+        grad = make_logits(HYPER_BATCH * n * n, seed=n + 1)
+        poison(monkeypatch, sinkhorn_triton)
+        with only_programs(served):
+            p, cols, domain, iterations = sinkhorn_triton.forward(x, [n], [HYPER_BATCH], 20, 1.0, 0.0, None)
+            grad_x = sinkhorn_triton.backward(grad, x, [n], [HYPER_BATCH], cols, domain, iterations, 1.0)
+    matrices = torch.cat([torch.arange(start, start + forward_mb) for start in windows])
+    others = torch.ones(HYPER_BATCH, dtype=torch.bool)
+    others[matrices] = False
+    p, grad_x = p.view(HYPER_BATCH, n, n), grad_x.view(HYPER_BATCH, n, n)
+    assert bool(p[others].isnan().all()) and bool(grad_x[others].isnan().all())
+    assert bool((iterations[matrices] == 20).all()) and bool((domain[matrices] == 0).all())
+    x64 = x.view(HYPER_BATCH, n, n)[matrices].double()
+    ref = reference(x64, 20, 1.0, 0.0, grad.view(HYPER_BATCH, n, n)[matrices].double())
+    assert_as_accurate_as_reference(p[matrices], ref[torch.float32][0], ref[torch.float64][0])
+    assert_as_accurate_as_reference(grad_x[matrices], ref[torch.float32][1], ref[torch.float64][1])
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_hyper_connection_batches_on_the_gpu(n, gpu):
+    """Every matrix, up to the last, forward and backward, against the native CPU kernels (float64)."""
+    x = make_logits(HYPER_BATCH * n * n, seed=n, scale=2.0)
+    grad = make_logits(HYPER_BATCH * n * n, seed=n + 1)
+    p, cols, domain, iterations = sinkhorn_triton.forward(x.to(gpu), [n], [HYPER_BATCH], 20, 1.0, 0.0, None)
+    grad_x = sinkhorn_triton.backward(
+        grad.to(gpu), x.to(gpu), [n], [HYPER_BATCH], cols, domain, iterations, 1.0
+    )
+    x64 = x.view(HYPER_BATCH, n, n).double().requires_grad_()
+    want = symkernels.sinkhorn(x64, 20, backend="cpu")
+    (want_grad,) = torch.autograd.grad(want, x64, grad.view(HYPER_BATCH, n, n).double())
+    assert bool((iterations == 20).all())
+    torch.testing.assert_close(p.cpu().view(HYPER_BATCH, n, n).double(), want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_x.cpu().view(HYPER_BATCH, n, n).double(), want_grad, rtol=1e-3, atol=1e-5)
