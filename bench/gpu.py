@@ -70,7 +70,7 @@ def copy_case(device: str) -> harness.Case:
 
 
 def small_n_workloads() -> list[str]:
-    """The Sinkhorn workloads (``bench/workloads.py``, by name) made of matrices of n <= :data:`SMALL_N_MAX`."""
+    """The Sinkhorn workloads of bench/workloads.py, by name, made of matrices of n <= SMALL_N_MAX."""
     from bench.workloads import SINKHORN_WORKLOADS
 
     return [
