@@ -153,6 +153,29 @@ def test_emulated_log_domain_and_tolerance_exit(emulated, n, launch):
     assert domain.tolist() == [0, 1, 0] and iterations[2] < iterations[0], iterations
 
 
+# Where CUDA's expf at its worst error (cuda_emulation.h) broke the bound in the small kernels' log domain
+# (gradients at up to 2.2x of it): the kernels use precise_expf (csrc/cuda_device.cuh) instead.
+# (n, logit scale, tol, n_iter, tau); a block-kernel case too.
+GPU_EXP_CASES = [
+    (5, 50.0, 0.0, 8, 1.0),
+    (5, 50.0, 0.2, 8, 1.0),
+    (5, 20.0, 0.0, 6, 0.5),
+    (6, 20.0, 0.0, 6, 0.5),
+    (40, 20.0, 0.0, 6, 0.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "scale", "tol", "n_iter", "tau"),
+    GPU_EXP_CASES,
+    ids=[f"n{c[0]}-x{c[1]:g}-tol{c[2]:g}" for c in GPU_EXP_CASES],
+)
+def test_emulated_log_domain_meets_the_bound_with_the_gpus_expf(emulated, n, scale, tol, n_iter, tau):
+    logits = make_logits(3, n, n, dtype=torch.float64, scale=scale, seed=n + int(scale))
+    _, domain, _ = check_stack(emulated, logits, n_iter, tau, torch.float32, tol=tol)
+    assert bool((domain == 1).any())
+
+
 def _stacks(flat, sizes, counts):
     pieces = flat.split([c * n * n for n, c in zip(sizes, counts, strict=True)])
     return [piece.view(c, n, n) for piece, n, c in zip(pieces, sizes, counts, strict=True)]
