@@ -78,7 +78,7 @@ unset TRITON_INTERPRET
 
 # The rehearsal's build stage is the build: gpu_check.sh runs `pip install --no-build-isolation --no-deps -e .`
 # as a GPU machine does, then every stage that needs no GPU.
-echo "gpu-stack: rehearsing scripts/gpu_check.sh (build, info; GPU stages skip)"
+echo "gpu-stack: rehearsing scripts/gpu_check.sh (build, info, the benchmark's plan; GPU stages skip)"
 rehearsal="$work/gpu-check"
 # A CPU machine builds slower than a 16-core GPU machine: the rehearsal gets longer limits.
 PYTHON="$py" OUT="$rehearsal" GPU_CHECK_BUILD_S=900 GPU_CHECK_BUDGET_S=1200 bash scripts/gpu_check.sh
