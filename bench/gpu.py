@@ -8,6 +8,9 @@ Sections, in this order (the rows that matter most first, so that a run cut shor
 ``bandwidth``   device-to-device copy bandwidth (the memory roofline the Sinkhorn goal is measured against);
 ``sinkhorn``    ``bench/sinkhorn.py``: every GPU backend, grouped, the authors' rule, the eager reference, the
                 authors' loop and POT, on the model stacks and the batches (eager, and as CUDA graphs);
+``small-n``     the Sinkhorn workloads of ``bench/workloads.py`` made of matrices of n <= 8 (the
+                hyper-connection batches, ``[B, 4, 4]`` and ``[B, 8, 8]``): the CUDA and Triton kernels timed
+                with the ``torch.compile``d reference, forward + backward first;
 ``expansion``   ``bench/expansion.py`` (float32 and bfloat16);
 ``layer``       ``bench/layer.py``: one WS layer against the exact G-CNN layer, escnn and a plain conv;
 ``train-step``  ``bench/train_step.py``: the MNIST and CIFAR training steps, with a ``torch.profiler`` summary
@@ -25,6 +28,7 @@ without touching the GPU. ``--device cpu`` runs the same plan on the CPU, only t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -40,7 +44,9 @@ if __name__ == "__main__":  # `python bench/gpu.py` puts bench/, not the reposit
 from bench import harness, report
 from bench.__main__ import op_cases
 
-SECTIONS = ("bandwidth", "sinkhorn", "expansion", "layer", "train-step", "overhead", "compiled")
+SECTIONS = ("bandwidth", "sinkhorn", "small-n", "expansion", "layer", "train-step", "overhead", "compiled")
+SMALL_N_MAX = 8
+SMALL_N_PROVIDERS = ("cuda", "triton", "reference-compiled")
 COPY_BYTES = {"cuda": 512 * 2**20, "cpu": 8 * 2**20}  # large enough to defeat a GPU's L2 cache
 
 
@@ -63,22 +69,62 @@ def copy_case(device: str) -> harness.Case:
     )
 
 
+def small_n_workloads() -> list[str]:
+    """The Sinkhorn workloads of bench/workloads.py, by name, made of matrices of n <= SMALL_N_MAX."""
+    from bench.workloads import SINKHORN_WORKLOADS
+
+    return [
+        name
+        for name, shapes in SINKHORN_WORKLOADS.items()
+        if shapes and all(shape[-1] <= SMALL_N_MAX for shape in shapes)
+    ]
+
+
+def small_n_cases(device: str) -> list[harness.Case]:
+    """The small-n workloads' kernels and compiled reference, one group per workload, mode and regime (timed
+    together): forward + backward first, then n = 4 before 8, the larger batch and the larger T first."""
+    names = set(small_n_workloads())
+    chosen = [
+        dataclasses.replace(case, section="small-n")
+        for case in op_cases("sinkhorn")(device)
+        if case.workload in names and case.provider in SMALL_N_PROVIDERS
+    ]
+
+    def priority(case: harness.Case) -> tuple:
+        shapes = case.info.get("shapes") or [[0, 0, 0]]
+        n, batch = max(s[-1] for s in shapes), sum(s[0] for s in shapes)
+        return (case.mode != "fwd+bwd", n, -batch, -case.info.get("n_iter", 0), str(case.regime))
+
+    return sorted(chosen, key=priority)
+
+
 def build_plan(sections: Sequence[str], device: str, *, quick: bool = False, only: str | None = None):
     """Every case of ``sections`` in the order of :data:`SECTIONS`, filtered by the regular expression
-    ``only`` on the case ids."""
+    ``only`` on the case ids. The small-n workloads are timed in their own section only."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown sections {unknown}; expected some of {list(SECTIONS)}")
+    small = set(small_n_workloads())
     cases: list[harness.Case] = []
     for section in SECTIONS:
         if section not in sections:
             continue
         if section == "bandwidth":
             cases.append(copy_case(device))
+        elif section == "small-n":
+            cases += small_n_cases(device)
         elif section == "compiled":
-            cases += [c for c in op_cases("sinkhorn")(device, quick=quick) if c.section == "compiled"]
+            cases += [
+                c
+                for c in op_cases("sinkhorn")(device, quick=quick)
+                if c.section == "compiled" and c.workload not in small
+            ]
         else:
-            cases += [c for c in op_cases(section)(device, quick=quick) if c.section != "compiled"]
+            cases += [
+                c
+                for c in op_cases(section)(device, quick=quick)
+                if c.section != "compiled" and not (section == "sinkhorn" and c.workload in small)
+            ]
     if only:
         pattern = re.compile(only)
         cases = [case for case in cases if pattern.search(case.id)]

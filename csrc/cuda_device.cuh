@@ -20,6 +20,11 @@
 
 #define SK_DEVICE __device__ __forceinline__
 
+#ifdef SYMKERNELS_CUDA_EMULATION
+#include <cmath>
+#include <cstring>
+#endif
+
 namespace symkernels::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -47,6 +52,43 @@ SK_DEVICE void store_element(void* base, int64_t index, float value, ElementType
     default:
       static_cast<float*>(base)[index] = value;
   }
+}
+
+// The float whose bits are `bits`.
+SK_DEVICE float float_from_bits(int bits) {
+#ifdef SYMKERNELS_CUDA_EMULATION
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#else
+  return __int_as_float(bits);
+#endif
+}
+
+// exp(x) in float32 within 1.5 ulps over the whole float range (NaN stays NaN, overflow gives inf, underflow 0),
+// from correctly rounded fmas and multiplications only, so that it rounds the same way on the GPU as where the
+// kernels are emulated. CUDA's expf is up to 2 ulps off (ex2.approx after its reduction), and the log domain's
+// entries exp(L0 + f + g) carry that into the gradients past the accuracy bound (tests/ops/test_cuda_emulation.py
+// emulates it). x = k ln2 + r (|r| <= ln2 / 2), e^r by its Taylor polynomial of degree 7 (truncation below half an
+// ulp), 2^k from its bits in two halves (subnormal results and overflow need no special case); the same as the
+// Triton kernels' precise_exp.
+SK_DEVICE float precise_expf(float x) {
+  const float c = fminf(fmaxf(x, -104.f), 89.f);  // exp(-104) rounds to 0, exp(89) to inf; fmaxf drops NaN
+  const float k = floorf(fmaf(c, 1.4426950408889634f, 0.5f));  // round(c log2 e), in [-150, 128]
+  // ln 2 = 0.693145751953125 + 1.428606765330187e-06, the first part exact in k times it for |k| < 2^8.
+  const float r = fmaf(-k, 1.428606765330187e-06f, fmaf(-k, 0.693145751953125f, c));
+  float p = fmaf(r, 1.f / 40320.f, 1.f / 5040.f);
+  p = fmaf(r, p, 1.f / 720.f);
+  p = fmaf(r, p, 1.f / 120.f);
+  p = fmaf(r, p, 1.f / 24.f);
+  p = fmaf(r, p, 1.f / 6.f);
+  p = fmaf(r, p, 0.5f);
+  p = fmaf(r, p, 1.f);
+  p = fmaf(r, p, 1.f);
+  const int whole = static_cast<int>(k);
+  const int half = whole >> 1;
+  const float scaled = p * float_from_bits((half + 127) << 23) * float_from_bits((whole - half + 127) << 23);
+  return x == x ? scaled : x;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@
 #   3. `import symkernels` and `symkernels info` without TRITON_INTERPRET, as on a GPU machine;
 #   4. the smoke tests (`pytest -m smoke`): CPU ops against the reference, opcheck, a model step, the Triton
 #      kernels' parity in the interpreter and their compile for sm_90;
-#   5. a rehearsal of scripts/gpu_check.sh (its GPU stages skip, saying why);
+#   5. a rehearsal of scripts/gpu_check.sh with the carried wheels if .whl/ has them: the build, `symkernels
+#      info` and the benchmark's plan run, every GPU stage skips saying why; the stages must come in the
+#      script's order, each with its limit;
 #   6. the lean core: with none of the optional packages installed, `symkernels train` exits 2 naming the
 #      `pip install` of its extra.
 #
@@ -66,6 +68,8 @@ mkdir -p "$src"
 git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' path; do [[ -e "$path" ]] && printf '%s\0' "$path"; done | # not deleted ones
     xargs -0 cp --parents -t "$src"
+# What a GPU machine gets carried with the checkout (scripts/gpu_check.sh's header).
+[[ -d .whl ]] && cp -r .whl "$src/"
 cd "$src"
 
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -74,7 +78,7 @@ unset TRITON_INTERPRET
 
 # The rehearsal's build stage is the build: gpu_check.sh runs `pip install --no-build-isolation --no-deps -e .`
 # as a GPU machine does, then every stage that needs no GPU.
-echo "gpu-stack: rehearsing scripts/gpu_check.sh (build, info; GPU stages skip)"
+echo "gpu-stack: rehearsing scripts/gpu_check.sh (build, info, the benchmark's plan; GPU stages skip)"
 rehearsal="$work/gpu-check"
 # A CPU machine builds slower than a 16-core GPU machine: the rehearsal gets longer limits.
 PYTHON="$py" OUT="$rehearsal" GPU_CHECK_BUILD_S=900 GPU_CHECK_BUDGET_S=1200 bash scripts/gpu_check.sh
@@ -82,19 +86,41 @@ PYTHON="$py" OUT="$rehearsal" GPU_CHECK_BUILD_S=900 GPU_CHECK_BUDGET_S=1200 bash
 import sys
 from pathlib import Path
 
+# scripts/gpu_check.sh's stages, in its order (bench-report runs only when the benchmark wrote rows).
+ORDER = ["env", "wheels", "build", "info", "bench-plan", "tests-cuda", "memcheck", "racecheck", "tests-triton",
+         "bench-sinkhorn", "bench-small-n", "train", "recovery", "tests-full"]
+GPU_STAGES = {"tests-cuda", "memcheck", "racecheck", "tests-triton", "bench-sinkhorn", "bench-small-n", "train"}
+
 out = Path(sys.argv[1])
 names = sorted(p.name for p in out.iterdir())
-rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()[1:]]
-failed = [row for row in rows if row[1] not in ("0", "skipped")]
+lines = (out / "stages.tsv").read_text().splitlines()
+rows = [line.split("\t") for line in lines[1:]]
 problems = []
-if failed:
-    problems.append(f"stages failed: {failed}")
-if not any(row[0] == "build" and row[1] == "0" for row in rows):
-    problems.append("the build stage did not run and pass")
+if lines[0].split("\t") != ["stage", "status", "seconds", "limit", "note"]:
+    problems.append(f"stages.tsv header: {lines[0]!r}")
+stages = [row[0] for row in rows]
+if stages != ORDER:
+    problems.append(f"stages {stages}, expected {ORDER}")
+for row in rows:
+    name, status, _seconds, limit, note = row
+    if status not in ("0", "skipped"):
+        problems.append(f"stage {name} failed: {row}")
+    if name != "env" and not limit.isdigit():
+        problems.append(f"stage {name} has no limit: {row}")
+    if status == "skipped" and not note:
+        problems.append(f"stage {name} skipped without a reason: {row}")
+    if name in GPU_STAGES and (status != "skipped" or "no CUDA device" not in note):
+        problems.append(f"GPU stage {name} did not skip for want of a device: {row}")
+for name in ("build", "info", "bench-plan"):
+    if not any(row[0] == name and row[1] == "0" for row in rows):
+        problems.append(f"the {name} stage did not run and pass")
 if len(names) > 8:
     problems.append(f"{len(names)} files in the output folder, at most 8 come back from a GPU machine: {names}")
 if not (out / "summary.md").is_file():
     problems.append("no summary.md")
+width = max(len(name) for name in stages)
+for name, status, seconds, limit, note in rows:
+    print(f"gpu-stack:   {name:<{width}}  {status:>7}  {seconds:>4} s of {limit:>4} s  {note}")
 if problems:
     sys.exit("gpu-stack: the gpu_check.sh rehearsal failed: " + "; ".join(problems))
 print(f"gpu-stack: rehearsal complete: {', '.join(names)}")

@@ -37,6 +37,11 @@ column step t), ``ḡ_T = colsum(Ḡ ⊙ P)``, ``f̄_T = rowsum(P ⊙ (Ḡ - 1�
 the actual row sums of ``M'``), which keeps tiny gradients of saturated matrices accurate. The row-max shift
 has zero gradient (P does not change when a row of logits is shifted).
 
+The kernels' counts and iteration indices (``n_iter``, the number of matrices or programs, the stepped
+kernels' launch index) are not specialised on (``do_not_specialize``): Triton would otherwise compile a kernel
+again for the value 1 and for multiples of 16 (three variants of each stepped kernel in one call), and these
+values only bound loops and masks.
+
 Loops over iterations are ``while`` loops where they may end early (the packed early-exit loop ends once all
 its program's matrices have stopped) or run one matrix's count (chunked), and ``for`` loops over a run-time
 range in the packed kernels otherwise, which ptxas allocates with fewer registers there (Triton 3.6's
@@ -66,6 +71,14 @@ def saved_column(vec, t, vec_stride, col_mask, LOG: tl.constexpr):
         return tl.where(t >= 1, saved, first)
     else:
         return tl.where(t >= 1, saved.to(tl.float32), first)
+
+
+@triton.jit
+def iteration_limit(cap, n_iter):
+    """A matrix's iteration limit from its cap, clamped to ``1..n_iter`` as the CUDA kernels clamp it (the
+    launchers cannot check caps without a host sync): never past the end of ``cols``, and at least one
+    iteration, so that P is always an iterate."""
+    return tl.minimum(tl.maximum(cap, 1), n_iter)
 
 
 @triton.jit

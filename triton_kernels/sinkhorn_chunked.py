@@ -7,7 +7,7 @@ math and the saved state are described in :mod:`.sinkhorn`; the backward is :mod
 import triton
 import triton.language as tl
 
-from .sinkhorn import first_column, zero_columns_from
+from .sinkhorn import first_column, iteration_limit, zero_columns_from
 from .sinkhorn_tiles import (
     any_outside,
     column_partials,
@@ -147,7 +147,7 @@ def _chunked_write(
         tl.store(ptrs, entries(tile, row, col, LOG), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_iter"])
 def chunked_forward_kernel(
     x_ptr,
     k_ptr,
@@ -171,7 +171,7 @@ def chunked_forward_kernel(
 ):
     off, n, index = chunked_matrix(meta_ptr)
     if CAPPED:
-        limit = tl.minimum(tl.load(caps_ptr + index), n_iter)  # never past cols' end
+        limit = iteration_limit(tl.load(caps_ptr + index), n_iter)
     else:
         limit = n_iter
     col_mask = tl.arange(0, BN)[None, None, :] < n

@@ -200,7 +200,7 @@ def _chunked_backward(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_iter"])
 def chunked_backward_kernel(
     grad_ptr,
     x_ptr,

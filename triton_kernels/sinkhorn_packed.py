@@ -5,7 +5,7 @@ state and the backward are described in :mod:`.sinkhorn`."""
 import triton
 import triton.language as tl
 
-from .sinkhorn import first_column, saved_column, zero_columns_from
+from .sinkhorn import first_column, iteration_limit, saved_column, zero_columns_from
 from .sinkhorn_tiles import (
     any_outside,
     column_partials,
@@ -104,7 +104,7 @@ def _packed_iterate(
     return entries(tile, row, col, LOG), done, escaped
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices", "n_iter"])
 def packed_forward_kernel(
     x_ptr,
     p_ptr,
@@ -128,7 +128,7 @@ def packed_forward_kernel(
 ):
     live, off, n, index = _packed_matrices(meta_ptr, num_matrices, MB)
     if CAPPED:
-        limit = tl.minimum(tl.load(caps_ptr + index, mask=live, other=0), n_iter)  # never past cols' end
+        limit = tl.where(live, iteration_limit(tl.load(caps_ptr + index, mask=live, other=1), n_iter), 0)
     else:
         limit = tl.where(live, n_iter, 0)
     l0, row_mask, col_mask = matrix_rows(x_ptr, off, n, 0, tau, BN, BN)
@@ -214,7 +214,7 @@ def _packed_backward_tile(tile, grad, vec, vec_stride, last, row_mask, col_mask,
     return adj - first * tl.sum(adj, axis=2, keep_dims=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices", "n_iter"])
 def packed_backward_kernel(
     grad_ptr,
     x_ptr,

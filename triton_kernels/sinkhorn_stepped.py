@@ -27,7 +27,7 @@ fixed, ``n_iter + 1`` launches each way whatever the matrices do:
 import triton
 import triton.language as tl
 
-from .sinkhorn import saved_column
+from .sinkhorn import iteration_limit, saved_column
 from .sinkhorn_chunked_backward import column_adjoint_rows, gradient_rows, last_column_adjoint_rows
 from .sinkhorn_tiles import (
     column_partials,
@@ -92,7 +92,7 @@ def _lowest_status(status_ptr, first, count, valid):
     return lowest
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s", "n_iter", "num_programs"])
 def stepped_forward_kernel(
     x_ptr,
     p_ptr,
@@ -123,7 +123,7 @@ def stepped_forward_kernel(
         meta_ptr, programs_ptr, n_iter, vec_stride, BN
     )
     if CAPPED:
-        limit = tl.minimum(tl.load(caps_ptr + index), n_iter)  # every matrix stops by launch n_iter
+        limit = iteration_limit(tl.load(caps_ptr + index), n_iter)  # every matrix stops by launch n_iter
     else:
         limit = n_iter
     first_slab = row_begin == 0
@@ -170,7 +170,7 @@ def stepped_forward_kernel(
     tl.store(status_ptr + (s % 2) * num_programs + prog, status)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "n_iter", "num_programs"])
 def stepped_backward_step_kernel(
     grad_ptr,
     x_ptr,
@@ -244,7 +244,7 @@ def stepped_backward_step_kernel(
         tl.store(partials_ptr + (k % 2) * plane + prog * BN + lanes, partial)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_iter", "num_programs"])
 def stepped_backward_final_kernel(
     grad_ptr,
     x_ptr,

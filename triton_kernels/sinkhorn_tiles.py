@@ -47,20 +47,43 @@ def element_pointers(ptr, off, n, row0, BR: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def accurate_exp(x):
-    """``exp(x)`` for ``x <= 0`` to a few ulps (0 below -87).
+def precise_exp(x):
+    """``exp(x)`` in float32 within 1.5 ulps over the whole float range (NaN stays NaN, overflow gives inf,
+    underflow 0), from float32 additions and multiplications only, so that it rounds the same way on the GPU
+    as in Triton's interpreter.
 
-    The GPU's ``tl.exp`` computes ``2^(x·log2 e)`` with the product rounded: a relative error ~eps·|x|, which
-    matters for ``K_ij = e^-40`` when the scalings make ``r_i K_ij c_j`` of order one. Reducing
-    ``x = k ln2 + r`` (``|r| <= ln2 / 2``) first leaves the approximate ``exp2`` only a small argument.
+    The GPU's ``tl.exp`` is ``ex2.approx.f32`` of the rounded product ``x·log2 e``: a relative error of
+    ~eps·|x| (CUDA's ``__expf``: 2 + 1.17·|x| ulps), and ``tl.exp2`` (``ex2.approx``) or libdevice's ``expf``
+    are still up to 2 ulps off; the log domain's backward amplifies such errors past the accuracy bound
+    (tests/ops/test_triton_gpu_arithmetic.py emulates them). Here ``x = k ln2 + r`` (``|r| <= ln2 / 2``),
+    ``e^r`` is its Taylor polynomial of degree 7 (truncation error < 6e-9, below half an ulp) and ``2^k`` is
+    built exactly from its bits, in two halves so that subnormal results (k down to -150) and overflow
+    (k = 128) need no special case.
     """
     # Literal constants (no module globals): torch.compile copies the kernels' source into its own modules.
-    x = tl.maximum(x, -87.0)
-    k = tl.floor(x * 1.4426950408889634 + 0.5)  # round(x · log2 e)
+    c = tl.minimum(tl.maximum(x, -104.0), 89.0)  # exp(-104) rounds to 0 and exp(89) to inf
+    k = tl.floor(c * 1.4426950408889634 + 0.5)  # round(c · log2 e), in [-150, 128]
     # ln 2 = 0.693145751953125 + 1.428606765330187e-06, the first part exact in k · it for |k| < 2^8.
-    r = (x - k * 0.693145751953125) - k * 1.428606765330187e-06
-    scale = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)  # 2^k, exact
-    return tl.where(x > -87.0, tl.exp2(r * 1.4426950408889634) * scale, 0.0)
+    r = (c - k * 0.693145751953125) - k * 1.428606765330187e-06
+    p = 1.0 / 5040.0 + r * (1.0 / 40320.0)
+    p = 1.0 / 720.0 + r * p
+    p = 1.0 / 120.0 + r * p
+    p = 1.0 / 24.0 + r * p
+    p = 1.0 / 6.0 + r * p
+    p = 0.5 + r * p
+    p = 1.0 + r * p
+    p = 1.0 + r * p
+    whole = k.to(tl.int32)
+    half = whole >> 1
+    low = ((half + 127) << 23).to(tl.float32, bitcast=True)  # 2^half, exact
+    high = ((whole - half + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x == x, p * low * high, x)  # the clamps drop NaN on the GPU (max.f32 returns the other)
+
+
+@triton.jit
+def reciprocal(x):
+    """``1 / x`` correctly rounded: the GPU's float32 ``/`` is ``div.full.f32``, up to 2 ulps off."""
+    return tl.math.div_rn(tl.zeros_like(x) + 1.0, x)
 
 
 @triton.jit
@@ -68,7 +91,7 @@ def scaling_tile(l0, row_mask, col_mask):
     """``K = exp(L0 - rowmax)``, 0 where padded (rows are whole, so the chunk's own row maxima are exact)."""
     row_max = tl.max(l0, axis=2, keep_dims=True)
     row_max = tl.where(row_mask, row_max, 0.0)
-    return tl.where(row_mask & col_mask, accurate_exp(l0 - row_max), 0.0)
+    return tl.where(row_mask & col_mask, precise_exp(l0 - row_max), 0.0)
 
 
 @triton.jit
@@ -90,19 +113,19 @@ def row_scaling(tile, col_scaling, row_mask, LOG: tl.constexpr):
     if LOG:
         z = tile.to(tl.float64) + col_scaling
         z_max = tl.where(row_mask, tl.max(z, axis=2, keep_dims=True), 0.0)
-        total = tl.sum(tl.exp((z - z_max).to(tl.float32)), axis=2, keep_dims=True)
+        total = tl.sum(precise_exp((z - z_max).to(tl.float32)), axis=2, keep_dims=True)
         total = tl.where(row_mask, total, 1.0)  # padded rows: no log(0)
         return tl.where(row_mask, -(z_max + tl.log(total).to(tl.float64)), 0.0)
     else:
         total = tl.sum(tile * col_scaling, axis=2, keep_dims=True)
-        return tl.where(row_mask, 1.0 / tl.where(row_mask, total, 1.0), 0.0)
+        return tl.where(row_mask, reciprocal(tl.where(row_mask, total, 1.0)), 0.0)
 
 
 @triton.jit
 def entries(tile, row_scaling, col_scaling, LOG: tl.constexpr):
     """Entries of the iterate with these scalings: ``r_i K_ij c_j`` or ``exp(L0_ij + f_i + g_j)``."""
     if LOG:
-        return tl.exp((tile.to(tl.float64) + row_scaling + col_scaling).to(tl.float32))
+        return precise_exp((tile.to(tl.float64) + row_scaling + col_scaling).to(tl.float32))
     else:
         return row_scaling * tile * col_scaling
 
@@ -116,7 +139,7 @@ def column_partials(tile, row_scaling, LOG: tl.constexpr):
         y = tile.to(tl.float64) + row_scaling
         y_max = tl.max(y, axis=1, keep_dims=True)
         shift = tl.where(y_max == float("-inf"), 0.0, y_max)
-        return y_max, tl.sum(tl.exp((y - shift).to(tl.float32)), axis=1, keep_dims=True)
+        return y_max, tl.sum(precise_exp((y - shift).to(tl.float32)), axis=1, keep_dims=True)
     else:
         total = tl.sum(tile * row_scaling, axis=1, keep_dims=True)
         return total, tl.zeros_like(total)
@@ -128,7 +151,8 @@ def merge_column_partials(a0, b0, a1, b1, LOG: tl.constexpr):
     if LOG:
         top = tl.maximum(a0, a1)
         shift = tl.where(top == float("-inf"), 0.0, top)
-        return top, b0 * tl.exp((a0 - shift).to(tl.float32)) + b1 * tl.exp((a1 - shift).to(tl.float32))
+        scale0 = precise_exp((a0 - shift).to(tl.float32))
+        return top, b0 * scale0 + b1 * precise_exp((a1 - shift).to(tl.float32))
     else:
         return a0 + a1, b0
 
@@ -140,7 +164,7 @@ def column_scaling(a, b, col_mask, LOG: tl.constexpr):
     if LOG:
         return tl.where(col_mask, -(a + tl.log(tl.where(col_mask, b, 1.0)).to(tl.float64)), 0.0)
     else:
-        return tl.where(col_mask, 1.0 / tl.where(col_mask, a, 1.0), 0.0)
+        return tl.where(col_mask, reciprocal(tl.where(col_mask, a, 1.0)), 0.0)
 
 
 @triton.jit
@@ -165,8 +189,8 @@ def rows_converged(previous, current, row_mask, tol, LOG: tl.constexpr):
     ``exp(f_t - f_{t+1})``.
     """
     if LOG:
-        sums = tl.exp((previous - current).to(tl.float32))
+        sums = precise_exp((previous - current).to(tl.float32))
     else:
-        sums = previous / tl.where(row_mask, current, 1.0)
+        sums = tl.math.div_rn(previous, tl.where(row_mask, current, 1.0))
     inside = (tl.abs(sums - 1.0) <= tol) | (~row_mask)
     return tl.min(tl.min(tl.where(inside, 1, 0), axis=2), axis=1)

@@ -48,6 +48,7 @@ sc::DeviceInfo device_info(const char* op, int device) {
   const std::lock_guard<std::mutex> lock(mutex);
   if (!read[device]) {
     sc::DeviceInfo info{};
+    info.index = device;
     check_cuda(op, cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device),
                "reading the compute capability");
     check_cuda(op, cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device),
@@ -80,7 +81,7 @@ BlockPlans plan_blocks(const char* op, const sc::CallPlan& call, const sc::Devic
   for (const sc::LaunchGroup& group : call.launches) {
     sc::BlockLaunch launch{1, 0};
     if (!group.small) {
-      launch = planner(group.max_n, group.table.num_units, device);
+      check_cuda(op, planner(group.max_n, group.table.num_units, device, &launch), "planning a block launch");
       TORCH_CHECK(static_cast<int64_t>(group.table.num_units) * launch.cluster <= 0x7fffffff, op,
                   ": too many matrices for one launch");
       for (int s = 0; s < group.table.num_stacks; ++s) {

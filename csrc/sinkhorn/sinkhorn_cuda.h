@@ -186,6 +186,7 @@ SYMKERNELS_HOST_DEVICE inline BlockSharedLayout block_shared_layout(int64_t n, i
 
 // What the host knows about the device when it plans block launches.
 struct DeviceInfo {
+  int index;
   int major;
   int multiprocessors;
   int max_shared_bytes;  // per block, opt-in

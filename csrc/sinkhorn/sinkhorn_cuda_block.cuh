@@ -60,10 +60,10 @@ SK_DEVICE void push_log_sum(float& shift, float& sum, double y) {
   if (y == -static_cast<double>(kInfinity)) return;
   const float candidate = static_cast<float>(y);
   if (candidate > shift) {
-    sum *= expf(static_cast<float>(static_cast<double>(shift) - static_cast<double>(candidate)));
+    sum *= precise_expf(static_cast<float>(static_cast<double>(shift) - static_cast<double>(candidate)));
     shift = candidate;
   }
-  sum += expf(static_cast<float>(y - static_cast<double>(shift)));
+  sum += precise_expf(static_cast<float>(y - static_cast<double>(shift)));
 }
 
 // A CTA's share of its matrix: its rows, where they live, and the exchange of column sums.
@@ -273,7 +273,7 @@ SK_DEVICE bool block_load_rows(BlockMatrix<CT, W, RREG>& bm, const void* logits,
     ruled_out = ruled_out || !scaling_domain_allowed(finite, hi - lo);
     if (!log) {
 #pragma unroll
-      for (int b = 0; b < CT; ++b) v[b] = bm.column_ok(b) ? expf(v[b] - hi) : 0.f;
+      for (int b = 0; b < CT; ++b) v[b] = bm.column_ok(b) ? precise_expf(v[b] - hi) : 0.f;
     }
   });
   return ruled_out;

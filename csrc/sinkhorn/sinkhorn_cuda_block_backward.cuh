@@ -159,7 +159,7 @@ SK_DEVICE double block_log_row(const BlockMatrix<CT, W, RREG>& bm, const float (
   float s = 0.f;
 #pragma unroll
   for (int b = 0; b < CT; ++b) {
-    if (bm.column_ok(b)) s += expf(static_cast<float>(z[b] - z_max));
+    if (bm.column_ok(b)) s += precise_expf(static_cast<float>(z[b] - z_max));
   }
   return log_potential<double>(z_max, warp_sum(s));
 }

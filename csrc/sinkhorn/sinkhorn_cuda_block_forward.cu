@@ -30,8 +30,9 @@ BlockKernel<ForwardArgs> kernel_for(int64_t max_n) {
 
 }  // namespace
 
-BlockLaunch plan_block_forward(int64_t max_n, int64_t matrices, const DeviceInfo& device) {
-  return plan_block(kernel_for(max_n), block_shape(max_n, BlockPass::kForward), max_n, matrices, device);
+cudaError_t plan_block_forward(int64_t max_n, int64_t matrices, const DeviceInfo& device, BlockLaunch* launch) {
+  static BlockPlanCache cache(BlockPass::kForward);
+  return plan_block_launch(cache, kernel_for(max_n), max_n, matrices, device, launch);
 }
 
 cudaError_t launch_block_forward(int64_t max_n, const ForwardArgs& args, const StackTable& table,

@@ -103,7 +103,7 @@ SK_DEVICE int block_log_iterate(BlockMatrix<CT, W, RREG>& bm, const ForwardArgs&
       float s = 0.f;
 #pragma unroll
       for (int b = 0; b < CT; ++b) {
-        if (bm.column_ok(b)) s += expf(static_cast<float>(static_cast<double>(l0[b]) + g[bm.column(b)] - z_max));
+        if (bm.column_ok(b)) s += precise_expf(static_cast<float>(static_cast<double>(l0[b]) + g[bm.column(b)] - z_max));
       }
       s = warp_sum(s);
       const double f = log_potential<double>(z_max, s);
@@ -123,7 +123,7 @@ SK_DEVICE int block_log_iterate(BlockMatrix<CT, W, RREG>& bm, const ForwardArgs&
     if (test && t >= 1 && (flags & kRowFailed) == 0) break;
     float partial[CT];
 #pragma unroll
-    for (int b = 0; b < CT; ++b) partial[b] = sum[b] == 0.f ? 0.f : sum[b] * expf(shift[b] - column_max[b]);
+    for (int b = 0; b < CT; ++b) partial[b] = sum[b] == 0.f ? 0.f : sum[b] * precise_expf(shift[b] - column_max[b]);
     // (The thread that forms column j's sum formed its maximum too.)
     bm.template exchange<SumOp>(partial, sum, 0, [&](int j, float column_sum) {
       g[j] = j < bm.n ? log_potential<double>(column_shift[j], column_sum) : 0.0;

@@ -1,5 +1,5 @@
-// Planning and launching the block Sinkhorn kernels (host code of the .cu files): the shared memory of a CTA, the
-// cluster size, and the launch itself.
+// Planning and launching the block Sinkhorn kernels (host code of the .cu files): the CUDA runtime's answers to the
+// planner's questions (sinkhorn_cuda_block_plan.h), and the launch itself.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,81 +7,88 @@
 #include <cstdint>
 
 #include "sinkhorn/sinkhorn_cuda.h"
+#include "sinkhorn/sinkhorn_cuda_block_plan.h"
 
 namespace symkernels::sinkhorn_cuda {
 
 template <class Args>
 using BlockKernel = void (*)(Args, StackTable, BlockLaunch);
 
-// The dynamic shared memory of a CTA for matrices of up to max_n over `cluster` CTAs: the fixed part, and the rows
-// past the register rows as far as the device allows.
-inline int64_t block_shared_bytes(const BlockShape& shape, int64_t max_n, int cluster, const DeviceInfo& device) {
-  const BlockSharedLayout s = block_shared_layout(max_n, shape.warps, cluster, 0);
-  const int64_t rows = s.rows - static_cast<int64_t>(shape.register_rows) * shape.warps;
-  const int64_t wanted = s.kernel_rows + (rows > 0 ? rows : 0) * s.padded_n * 4;
-  return wanted < device.max_shared_bytes ? wanted : device.max_shared_bytes;
-}
-
+// The CUDA runtime's answers for one kernel on the current device. The first call of a shape class may come
+// during CUDA-graph capture: the queries then run in the relaxed capture mode, in which a capture in progress
+// neither refuses them nor is invalidated by them (they queue no work).
 template <class Args>
-cudaError_t allow_shared_bytes(BlockKernel<Args> kernel, int64_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
-// Whether the device can run clusters of `cluster` CTAs of this kernel with `bytes` of shared memory each.
-template <class Args>
-bool cluster_fits(BlockKernel<Args> kernel, const BlockShape& shape, int cluster, int64_t bytes) {
-  if (allow_shared_bytes(kernel, bytes) != cudaSuccess) {
-    cudaGetLastError();  // a refused setting is an answer here, not an error to report later
-    return false;
+class CudaBlockDriver final : public BlockDriver {
+ public:
+  explicit CudaBlockDriver(BlockKernel<Args> kernel) : kernel_(kernel) {}
+  ~CudaBlockDriver() override {
+    if (relaxed_) cudaThreadExchangeStreamCaptureMode(&previous_mode_);
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(cluster, 1, 1);
-  config.blockDim = dim3(32 * shape.warps, 1, 1);
-  config.dynamicSmemBytes = static_cast<size_t>(bytes);
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = cluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  int clusters = 0;
-  const cudaError_t error = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-  if (error != cudaSuccess) cudaGetLastError();
-  return error == cudaSuccess && clusters > 0;
-}
+  CudaBlockDriver(const CudaBlockDriver&) = delete;
+  CudaBlockDriver& operator=(const CudaBlockDriver&) = delete;
 
-// Clusters (Hopper and later) serve two ends: few matrices are spread over more multiprocessors (at least two
-// rows per warp), and large ones over more shared memory (rows that do not fit on chip are read from L2 at every
-// pass). Capped at the portable cluster size.
-template <class Args>
-BlockLaunch plan_block(BlockKernel<Args> kernel, const BlockShape& shape, int64_t max_n, int64_t matrices,
-                       const DeviceInfo& device) {
-  int cluster = 1;
-  if (device.major >= 9) {
-    auto rows_per_cta = [&](int c) { return (max_n + c - 1) / c; };
-    while (cluster < kMaxCluster && matrices * cluster * 2 <= device.multiprocessors &&
-           rows_per_cta(2 * cluster) >= 2 * shape.warps) {
-      cluster *= 2;
-    }
-    auto overflows = [&](int c) {
-      const BlockLaunch launch{c, static_cast<int32_t>(block_shared_bytes(shape, max_n, c, device))};
-      return block_rows_overflow(max_n, shape, launch);
-    };
-    while (cluster < kMaxCluster && overflows(cluster)) cluster *= 2;
-    while (cluster > 1 && !cluster_fits(kernel, shape, cluster, block_shared_bytes(shape, max_n, cluster, device))) {
-      cluster /= 2;
-    }
+  bool allow_shared_bytes(int64_t bytes) override {
+    relax();
+    error_ = cudaFuncSetAttribute(kernel_, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    return error_ == cudaSuccess;
   }
-  return {cluster, static_cast<int32_t>(block_shared_bytes(shape, max_n, cluster, device))};
+
+  bool cluster_fits(const BlockShape& shape, int cluster, int64_t bytes) override {
+    relax();
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(cluster, 1, 1);
+    config.blockDim = dim3(32 * shape.warps, 1, 1);
+    config.dynamicSmemBytes = static_cast<size_t>(bytes);
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    // A refused configuration is an answer (no), not an error for a later call to report: cleared here.
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel_, &config) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return clusters > 0;
+  }
+
+  // The error of the last refused allow_shared_bytes.
+  cudaError_t error() const { return error_; }
+
+ private:
+  void relax() {
+    if (relaxed_) return;
+    previous_mode_ = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&previous_mode_);
+    relaxed_ = true;
+  }
+
+  BlockKernel<Args> kernel_;
+  bool relaxed_ = false;
+  cudaStreamCaptureMode previous_mode_ = cudaStreamCaptureModeGlobal;
+  cudaError_t error_ = cudaSuccess;
+};
+
+// The launch of `kernel` for `matrices` matrices of sizes up to max_n on the current device, from `cache`; the
+// driver is asked only on the first call of the shape class. Returns the runtime's error if it refused the
+// kernel's shared memory limit.
+template <class Args>
+cudaError_t plan_block_launch(BlockPlanCache& cache, BlockKernel<Args> kernel, int64_t max_n, int64_t matrices,
+                              const DeviceInfo& device, BlockLaunch* launch) {
+  CudaBlockDriver<Args> driver(kernel);
+  *launch = cache.plan(driver, max_n, matrices, device);
+  return launch->cluster == 0 ? (driver.error() != cudaSuccess ? driver.error() : cudaErrorInvalidValue)
+                              : cudaSuccess;
 }
 
+// A launch planned by plan_block_launch (which raised the kernel's shared memory limit on this device).
 template <class Args>
 cudaError_t launch_block(BlockKernel<Args> kernel, const BlockShape& shape, const Args& args, const StackTable& table,
                          const BlockLaunch& launch, cudaStream_t stream) {
   if (table.num_units == 0) return cudaSuccess;
-  cudaError_t error = allow_shared_bytes(kernel, launch.shared_bytes);
-  if (error != cudaSuccess) return error;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(table.num_units) * static_cast<unsigned>(launch.cluster), 1, 1);
   config.blockDim = dim3(32 * shape.warps, 1, 1);
@@ -96,7 +103,7 @@ cudaError_t launch_block(BlockKernel<Args> kernel, const BlockShape& shape, cons
     config.attrs = &attribute;
     config.numAttrs = 1;
   }
-  error = cudaLaunchKernelEx(&config, kernel, args, table, launch);
+  const cudaError_t error = cudaLaunchKernelEx(&config, kernel, args, table, launch);
   return error != cudaSuccess ? error : cudaGetLastError();
 }
 

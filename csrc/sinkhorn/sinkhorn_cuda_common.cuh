@@ -10,6 +10,7 @@ namespace symkernels::sinkhorn_cuda {
 
 using cuda::ElementType;
 using cuda::load_element;
+using cuda::precise_expf;
 using cuda::store_element;
 using sinkhorn_detail::kLogDomain;
 using sinkhorn_detail::kScalingDomain;
@@ -68,7 +69,7 @@ SK_DEVICE float scaling_entry(float r, float k, float c) {
 }
 
 SK_DEVICE float log_entry(float l0, double f, double g) {
-  return expf(static_cast<float>(static_cast<double>(l0) + f + g));
+  return precise_expf(static_cast<float>(static_cast<double>(l0) + f + g));
 }
 
 }  // namespace symkernels::sinkhorn_cuda

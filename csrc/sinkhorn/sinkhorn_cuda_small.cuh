@@ -134,7 +134,7 @@ SK_DEVICE int small_log_iterate(const float (&l0)[S], const SmallLane& lane, boo
     float sum = 0.f;
 #pragma unroll
     for (int b = 0; b < S; ++b) {
-      if (b < n) sum += expf(static_cast<float>(static_cast<double>(l0[b]) + g[b] - z_max));
+      if (b < n) sum += precise_expf(static_cast<float>(static_cast<double>(l0[b]) + g[b] - z_max));
     }
     const double f_new = lane.row_ok ? log_potential<double>(z_max, sum) : 0.0;
     const bool row_passes = !lane.row_ok || row_sum_within(log_row_sum(f, f_new), static_cast<double>(a.tol));
@@ -146,7 +146,7 @@ SK_DEVICE int small_log_iterate(const float (&l0)[S], const SmallLane& lane, boo
       const bool inside = lane.row_ok && b < n;
       const double y = inside ? static_cast<double>(l0[b]) + f_new : -kInfinity;
       const double y_max = group_max<S>(y);
-      const float e = inside ? expf(static_cast<float>(y - y_max)) : 0.f;
+      const float e = inside ? precise_expf(static_cast<float>(y - y_max)) : 0.f;
       const float column_sum = group_sum<S>(e);
       const double g_new = b < n ? log_potential<double>(y_max, column_sum) : 0.0;
       if (go) g[b] = g_new;
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kSmallThreads) small_forward_kernel(const Forw
   const bool allowed = small_load_l0<S>(a.logits, a.type, a.tau, lane, v, row_max);
   bool use_log = !group_all<S>(allowed);
 #pragma unroll
-  for (int b = 0; b < S; ++b) v[b] = lane.row_ok && b < n ? expf(v[b] - row_max) : 0.f;
+  for (int b = 0; b < S; ++b) v[b] = lane.row_ok && b < n ? precise_expf(v[b] - row_max) : 0.f;
 
   const int64_t start = lane.matrix.offset + static_cast<int64_t>(lane.row) * n;
   int iterations;
@@ -255,7 +255,7 @@ SK_DEVICE SmallScaling<LOG> small_row_scaling(const float (&v)[S], const SmallLa
     float sum = 0.f;
 #pragma unroll
     for (int b = 0; b < S; ++b) {
-      if (b < n) sum += expf(static_cast<float>(z[b] - z_max));
+      if (b < n) sum += precise_expf(static_cast<float>(z[b] - z_max));
     }
     return lane.row_ok && active ? log_potential<double>(z_max, sum) : 0.0;
   } else {
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kSmallThreads) small_backward_kernel(const Bac
   small_load_l0<S>(a.logits, a.type, a.tau, lane, v, row_max);
   if (!log) {
 #pragma unroll
-    for (int b = 0; b < S; ++b) v[b] = lane.row_ok && b < n ? expf(v[b] - row_max) : 0.f;
+    for (int b = 0; b < S; ++b) v[b] = lane.row_ok && b < n ? precise_expf(v[b] - row_max) : 0.f;
   }
   if (__any_sync(kFullMask, valid && !log)) {
     small_backward_tile<S, false>(v, a, lane, valid && !log, last, slab, start);

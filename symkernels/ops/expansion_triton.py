@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from symkernels.ops.triton_support import INTERPRETED
+from symkernels.ops.triton_support import INTERPRETED, launched_on_its_device
 from symkernels.triton_kernels.expansion import (
     expand_backward_kernel,
     expand_forward_kernel,
@@ -72,6 +72,7 @@ def _check_offsets(**named: torch.Tensor) -> None:
             )
 
 
+@launched_on_its_device
 def forward(
     reps: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, kernel_size: int, leading_identity: bool
 ) -> None:
@@ -143,6 +144,7 @@ def backward_plan(
     return BackwardPlan(block_r, block_n, block_m, weight_tiles, rows_per_split, splits, reps_tiles)
 
 
+@launched_on_its_device
 def expand_backward_into(
     grad: torch.Tensor,
     reps: torch.Tensor,

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from symkernels._checks import check_positive_int
-from symkernels.ops.triton_support import INTERPRETED
+from symkernels.ops.triton_support import INTERPRETED, launched_on_its_device
 from symkernels.triton_kernels.sinkhorn_chunked import chunked_forward_kernel
 from symkernels.triton_kernels.sinkhorn_chunked_backward import chunked_backward_kernel
 from symkernels.triton_kernels.sinkhorn_packed import packed_backward_kernel, packed_forward_kernel
@@ -129,10 +129,13 @@ def packed_plan(
 
     About 16 tile values per thread, fewer where a kernel keeps more state per matrix (ptxas, sm_90): 8 for a
     forward that stops matrices one by one (``stopping``: caps or a tolerance), 4 for the backward of
-    matrices smaller than 16.
+    matrices smaller than 16 and 8 for that of ``BN = 16``.
     """
     block = _block(max_n)
-    per_thread = 4 if backward and block < 16 else 8 if stopping else 16
+    if backward:
+        per_thread = 4 if block < 16 else 8 if block == 16 else 16
+    else:
+        per_thread = 8 if stopping else 16
     elements = _tuning.packed_elements * per_thread // 16
     per_program = min(_floor_pow2(elements // (block * block)), _block(num_matrices))
     # One matrix larger than `elements` keeps the warps of `elements`: more would cap each one's registers.
@@ -241,6 +244,7 @@ def _layout(sizes: Sequence[int], counts: Sequence[int], device: torch.device) -
 # Forward.
 
 
+@launched_on_its_device
 def forward(
     logits: torch.Tensor,
     sizes: list[int],
@@ -252,14 +256,18 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p, cols, domain, iterations)`` for the matrices of ``logits`` (1-D, contiguous; float16, bfloat16
     or float32, computed in float32): P like ``logits``; ``cols`` float64 ``[M, n_iter, max(sizes)]``, the
-    column scalings ``c_t``/``g_t`` of the iterations each matrix ran and 0 elsewhere; ``domain`` int32
-    ``[M]`` (0 scaling, 1 log); ``iterations`` int32 ``[M]``, the ``T_m`` run.
+    column scalings ``c_t``/``g_t`` of the iterations each matrix ran and 0 elsewhere (``max(sizes)`` over
+    the stacks that hold matrices); ``domain`` int32 ``[M]`` (0 scaling, 1 log); ``iterations`` int32 ``[M]``,
+    the ``T_m`` run.
 
-    A matrix runs at most ``caps[m]`` iterations (int32 ``[M]``, each in ``1..n_iter``; ``None``: ``n_iter``),
-    and with ``tol > 0`` stops at the first iterate whose row sums are all within ``tol`` of 1.
+    A matrix runs at most ``caps[m]`` iterations (int32 ``[M]``, clamped to ``1..n_iter`` on the device as
+    the CUDA kernels do; ``None``: ``n_iter``), and with ``tol > 0`` stops at the first iterate whose row sums
+    are all within ``tol`` of 1.
     """
     device = logits.device
-    num_matrices, max_n = sum(counts), max(sizes, default=0)
+    num_matrices = sum(counts)
+    # As the op's contract (and its fake) says: the largest matrix's n; an empty stack's size does not count.
+    max_n = max((n for n, count in zip(sizes, counts, strict=True) if count), default=0)
     layout = _layout(sizes, counts, device)
     p = torch.empty_like(logits)
     # A launch writes the first BN columns of its matrices' saved scalings; when a larger matrix elsewhere in
@@ -328,6 +336,7 @@ def forward(
 # Backward.
 
 
+@launched_on_its_device
 def backward(
     grad_p: torch.Tensor,
     logits: torch.Tensor,

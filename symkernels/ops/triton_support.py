@@ -6,11 +6,16 @@ decorated, i.e. when :mod:`symkernels` first imports them: under the interpreter
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "problem"]
+__all__ = ["INTERPRETED", "launched_on_its_device", "on_device", "problem"]
 
 
 @triton.jit
@@ -54,3 +59,33 @@ def problem() -> str | None:
     if int(out.item()) != 3:
         return f"Triton {triton.__version__}'s interpreter ran a probe loop wrongly"
     return None
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which Triton launches run on ``device``, where the tensors are.
+
+    Triton launches on the current CUDA device and its current stream, not the tensors' device: tensors on
+    ``cuda:1`` launched with device 0 current would fault. The C++ entry points switch with a ``CUDAGuard``;
+    this is their Python counterpart, and costs one comparison when the device is already current (a
+    launcher's usual case, and the interpreter's, on CPU tensors).
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(device.index)
+
+
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def launched_on_its_device(launcher: Launcher) -> Launcher:
+    """``launcher`` (whose first argument is a tensor) launches under :func:`on_device` of that tensor."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        with on_device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch  # type: ignore[return-value]

@@ -19,7 +19,8 @@ def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
     cases = plan["cases"]
     ids = [case["id"] for case in cases]
     assert len(ids) == len(set(ids))
-    assert plan["sections"] == list(gpu.SECTIONS)
+    # (small-n has cases once bench/workloads.py has workloads of n <= 8)
+    assert plan["sections"] == [s for s in gpu.SECTIONS if s != "small-n" or gpu.small_n_workloads()]
     assert torch.cuda.is_initialized() == cuda_was_initialized  # the plan is checked without touching CUDA
     sinkhorn = [c for c in cases if c["section"] == "sinkhorn"]
     for provider in ("cuda", "triton", "triton-grouped", "reference", "authors-loop", "pot-scaling"):
@@ -58,6 +59,34 @@ def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
     assert sum(c["section"] == "bandwidth" for c in cases) == 1
     # A requirement that cannot be met here comes with its reason.
     assert all(c["would_run"] or c["reason"] for c in cases)
+
+
+def test_small_n_workloads_are_timed_in_their_own_section(monkeypatch):
+    """Workloads of n <= 8 in bench/workloads.py (the hyper-connection batches) are picked up by their shapes:
+    the CUDA and Triton kernels and the compiled reference timed in one group per workload, mode and regime,
+    forward + backward first and n = 4's largest batch first; the other sections leave them out."""
+    from bench import workloads
+
+    added = {
+        "tiny-32768x4x4": [(32768, 4, 4)],
+        "tiny-262144x4x4": [(262144, 4, 4)],
+        "tiny-32768x8x8": [(32768, 8, 8)],
+    }
+    for name, shapes in added.items():
+        monkeypatch.setitem(workloads.SINKHORN_WORKLOADS, name, shapes)
+    assert set(gpu.small_n_workloads()) >= set(added)
+    cases = gpu.build_plan(["sinkhorn", "small-n", "compiled"], "cuda")
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids))
+    small = [c for c in cases if c.section == "small-n"]
+    assert {c.workload for c in small} == set(added)
+    assert all(c.workload not in added for c in cases if c.section != "small-n")
+    groups = harness.groups_of(small)
+    assert len(groups) == len(added) * 2 * 2  # modes x regimes
+    assert all(sorted(c.provider for c in g) == sorted(gpu.SMALL_N_PROVIDERS) for g in groups)
+    assert groups[0][0].workload == "tiny-262144x4x4" and groups[0][0].mode == "fwd+bwd"
+    modes = [g[0].mode for g in groups]
+    assert modes == sorted(modes, key=lambda mode: mode != "fwd+bwd")
 
 
 def test_plan_filters_and_rejects_unknown_sections():

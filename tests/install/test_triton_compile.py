@@ -1,6 +1,7 @@
 """The Triton kernels compiled ahead of time for sm_90 without a GPU (slow): the interpreter accepts code the
 GPU compiler rejects, so every kernel is compiled at its default tuning (in a subprocess, without
-``TRITON_INTERPRET``) and ptxas must allocate it without spilling registers."""
+``TRITON_INTERPRET``); ptxas must allocate it without spilling registers, and its PTX must hold no approximate
+float32 instruction (the interpreter computes those operations exactly, the GPU would not)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ AOT_COMPILE = textwrap.dedent(
                                 capture_output=True, text=True).stderr
         os.unlink(f.name)
         spills = sum(int(s) for s in re.findall(r"(\\d+) bytes spill stores", report))
-        return f"{name} {dtype} {constexprs} warps {warps}: spill stores {spills}"
+        approximate = len(re.findall(APPROXIMATE, kernel.asm["ptx"]))
+        return f"{name} {dtype} {constexprs} warps {warps}: spill stores {spills}, approximate {approximate}"
+
+    # float32 instructions that are not correctly rounded (what `/`, tl.exp and tl.exp2 compile to).
+    APPROXIMATE = r"\\b(?:div\\.full|div\\.approx|rcp\\.approx|ex2\\.approx|lg2\\.approx)\\S*\\.f32\\b"
 
     def split(plan):
         return {k: v for k, v in plan.items() if k != "num_warps"}, plan["num_warps"]
@@ -96,7 +101,8 @@ SPILL_FREE_FROM_TRITON = (3, 8)
 def test_kernels_compile_for_hopper_without_spills():
     """The interpreter accepts code the GPU compiler rejects: compile the kernels at their default tuning for
     sm_90 without a GPU (packed at three block sizes, with and without the early exit, fp32 and bf16; chunked;
-    stepped; expansion), and check that ptxas allocates them without spilling registers."""
+    stepped; expansion), and check that ptxas allocates them without spilling registers and that no float32
+    division or exponential compiled to an approximate instruction."""
     import triton
     import triton.backends
 
@@ -107,8 +113,11 @@ def test_kernels_compile_for_hopper_without_spills():
         [sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=1500
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
-    reports = re.findall(r"^(.*): spill stores (\d+)$", result.stdout, flags=re.MULTILINE)
+    reports = re.findall(r"^(.*): spill stores (\d+), approximate (\d+)$", result.stdout, flags=re.MULTILINE)
     assert len(reports) == int(result.stdout.split("compiled")[-1]), result.stdout
+    # The accuracy bound holds with correctly rounded float32 division and exponentials only
+    # (tests/ops/test_triton_gpu_arithmetic.py): no kernel may compile to the approximate instructions.
+    assert all(int(approximate) == 0 for *_, approximate in reports), result.stdout
     version = tuple(int(part) for part in triton.__version__.split(".")[:2])
     if version >= SPILL_FREE_FROM_TRITON:
-        assert all(int(spills) == 0 for _, spills in reports), result.stdout
+        assert all(int(spills) == 0 for _, spills, _ in reports), result.stdout

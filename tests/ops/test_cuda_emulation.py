@@ -69,14 +69,18 @@ def emulated():
 LAUNCHES = {"cta": (1, 4096), "global-rows": (1, 0), "cluster2": (2, 4096), "cluster4-mixed": (4, 3)}
 
 
-def run(emulated, logits, sizes, counts, n_iter, tau, tol=0.0, caps=None, launch=(1, 4096), grad=None):
+def run(
+    emulated, logits, sizes, counts, n_iter, tau, tol=0.0, caps=None, launch=(1, 4096), grad=None, blocks=()
+):
+    """Forward (and backward with ``grad``) of the emulated kernels; ``blocks``: only those blocks of each
+    launch (default: all)."""
     p, cols, domain, iterations = emulated.sinkhorn_forward(
-        logits, sizes, counts, n_iter, tau, tol, caps, *launch
+        logits, sizes, counts, n_iter, tau, tol, caps, *launch, blocks=list(blocks)
     )
     grad_logits = None
     if grad is not None:
         grad_logits = emulated.sinkhorn_backward(
-            grad, logits, sizes, counts, cols, domain, iterations, tau, *launch
+            grad, logits, sizes, counts, cols, domain, iterations, tau, *launch, blocks=list(blocks)
         )
     return p, cols, domain, iterations, grad_logits
 
@@ -147,6 +151,29 @@ def test_emulated_log_domain_and_tolerance_exit(emulated, n, launch):
     assert domain.tolist() == [0, 1, 0]
     _, domain, iterations = check_stack(emulated, logits, 6, 1.0, torch.float32, tol=1e-4, launch=launch)
     assert domain.tolist() == [0, 1, 0] and iterations[2] < iterations[0], iterations
+
+
+# Where CUDA's expf at its worst error (cuda_emulation.h) broke the bound in the small kernels' log domain
+# (gradients at up to 2.2x of it): the kernels use precise_expf (csrc/cuda_device.cuh) instead.
+# (n, logit scale, tol, n_iter, tau); a block-kernel case too.
+GPU_EXP_CASES = [
+    (5, 50.0, 0.0, 8, 1.0),
+    (5, 50.0, 0.2, 8, 1.0),
+    (5, 20.0, 0.0, 6, 0.5),
+    (6, 20.0, 0.0, 6, 0.5),
+    (40, 20.0, 0.0, 6, 0.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "scale", "tol", "n_iter", "tau"),
+    GPU_EXP_CASES,
+    ids=[f"n{c[0]}-x{c[1]:g}-tol{c[2]:g}" for c in GPU_EXP_CASES],
+)
+def test_emulated_log_domain_meets_the_bound_with_the_gpus_expf(emulated, n, scale, tol, n_iter, tau):
+    logits = make_logits(3, n, n, dtype=torch.float64, scale=scale, seed=n + int(scale))
+    _, domain, _ = check_stack(emulated, logits, n_iter, tau, torch.float32, tol=tol)
+    assert bool((domain == 1).any())
 
 
 def _stacks(flat, sizes, counts):
@@ -309,3 +336,90 @@ def test_emulated_expansion_matches_the_native_cpu_kernels(emulated):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch plans of the block kernels (csrc/sinkhorn/sinkhorn_cuda_block_plan.h), with a driver that counts what
+# it is asked. An H100: sm_90, 132 multiprocessors, 227 KB of shared memory per block (opt-in).
+H100 = (9, 132, 232448)
+
+
+def plans(emulated, calls, *, backward=False, device=H100, max_cluster=8):
+    """Per call: ((cluster, shared bytes), limit raises, last limit, fit queries), counts over all calls."""
+    return [
+        ((cluster, shared), raises, limit, queries)
+        for cluster, shared, raises, limit, queries in emulated.plan_block_calls(
+            calls, backward, *device, max_cluster
+        )
+    ]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_block_launches_are_planned_once_per_shape_class(emulated, backward):
+    """The driver is asked on the first call of a (device, kernel, max n, matrices class) only, so that calls
+    (and CUDA-graph captures) after it make no driver query; the kernel's shared memory limit is raised once
+    per device, to the device's maximum (a limit set to each launch's bytes would be lowered under a graph
+    captured with a larger launch)."""
+    calls = [
+        [0, 784, 1],  # few large matrices: a cluster
+        [0, 784, 1],
+        [0, 600, 1],  # the same kernel (CT = 32), another size: planned, the limit already raised
+        [0, 784, 2],
+        [1, 784, 1],  # another device: its own limit and plans
+        [0, 100, 4096],  # another kernel (CT = 4), many matrices
+        [0, 100, 8192],  # as many matrices as multiprocessors or more: one class
+        [0, 784, 1],
+    ]
+    got = plans(emulated, calls, backward=backward)
+    launches, raises, limits, queries = (list(column) for column in zip(*got, strict=True))
+    assert raises == [1, 1, 1, 1, 2, 3, 3, 3]
+    assert set(limits) == {H100[2]}
+    assert queries[1] == queries[0] > 0  # the repeat is a lookup
+    assert queries[7] == queries[6] == queries[5]  # no cluster query for a full device; then lookups
+    assert launches[1] == launches[0] == launches[4] == launches[7] and launches[0][0] > 1
+    assert launches[5] == launches[6] and launches[5][0] == 1
+
+
+def test_block_launch_plans_follow_the_device(emulated):
+    """Before Hopper there are no clusters (and no query); a device that fits smaller clusters gets them."""
+    calls = [[0, 784, 1], [0, 300, 3]]
+    ampere = plans(emulated, calls, device=(8, 108, 166912))
+    assert [launch[0] for launch, *_ in ampere] == [1, 1] and ampere[-1][3] == 0
+    hopper = plans(emulated, calls)
+    narrow = plans(emulated, calls, max_cluster=2)
+    assert hopper[0][0][0] == 8 and narrow[0][0][0] == 2
+    for launch, *_ in hopper + narrow:
+        assert launch[1] <= H100[2]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The hyper-connection workload: [262144, n, n] for n = 4 and 8 at T = 20, too large to emulate whole; a few
+# blocks of each launch run (the first, one in the middle, the last), which checks the grid and the indexing
+# up to the last matrix.
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_emulated_small_kernels_at_hyper_connection_batches(emulated, n):
+    batch, n_iter, threads = 262_144, 20, 128  # kSmallThreads
+    per_block = threads // n  # a group of S = n lanes per matrix
+    grid = batch // per_block
+    blocks = [0, grid // 2, grid - 1]
+    logits = make_logits(batch * n * n, seed=n)
+    grad = make_logits(batch * n * n, seed=n + 1)
+    p, cols, domain, iterations, grad_logits = run(
+        emulated, logits, [n], [batch], n_iter, 1.0, grad=grad, launch=(1, 0), blocks=blocks
+    )
+    served = torch.cat([torch.arange(b * per_block, (b + 1) * per_block) for b in blocks])
+    unserved = torch.ones(batch, dtype=torch.bool)
+    unserved[served] = False
+    p, grad_logits = p.view(batch, n, n), grad_logits.view(batch, n, n)
+    assert bool(p[unserved].isnan().all()) and bool((iterations[unserved] == -7).all())
+    assert bool((iterations[served] == n_iter).all()) and bool((domain[served] == 0).all())
+    x64 = logits.view(batch, n, n)[served].double().requires_grad_()
+    x32 = x64.detach().float().requires_grad_()
+    g = grad.view(batch, n, n)[served]
+    truth, expected = sinkhorn_reference(x64, n_iter), sinkhorn_reference(x32, n_iter)
+    (truth_grad,) = torch.autograd.grad(truth, x64, g.double())
+    (expected_grad,) = torch.autograd.grad(expected, x32, g)
+    assert_as_accurate_as_reference(p[served], expected.detach(), truth.detach())
+    assert_as_accurate_as_reference(grad_logits[served], expected_grad, truth_grad)

@@ -157,6 +157,55 @@ def test_cuda_graph_capture_and_replay(n):
     assert torch.equal(captured[0], again[0]) and torch.equal(captured[1], again[1])
 
 
+def test_first_plan_of_a_shape_inside_graph_capture():
+    """A block launch planned for the first time during CUDA-graph capture (n = 333 appears nowhere else; two
+    matrices take a cluster on Hopper): the plan's driver queries run in the relaxed capture mode, the capture
+    holds, and its replay gives the eager results."""
+    sizes, counts = [333], [2]
+    flat = ragged(sizes, counts, "cuda", seed=11)
+    grad = make_logits(flat.numel(), seed=12).cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = native(flat, sizes, counts, 5, 1.0, grad=grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = native(flat, sizes, counts, 5, 1.0, grad=grad)
+    for a, b in zip(captured, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_graph_replays_after_smaller_launches_of_its_kernels():
+    """A graph captured with a block launch of large shared memory replays correctly after eager launches of
+    the same kernels (CT = 32) with less: the kernels' shared memory limit is set once, to the device's
+    maximum, not to each launch's bytes."""
+    big, small = ragged([700], [1], "cuda", seed=13), ragged([520], [1], "cuda", seed=14)
+    grad = make_logits(big.numel(), seed=15).cuda()
+    graph, captured = capture(lambda: native(big, [700], [1], 5, 1.0, grad=grad))
+    native(small, [520], [1], 5, 1.0, grad=make_logits(small.numel(), seed=16).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    want = native(big, [700], [1], 5, 1.0, grad=grad)
+    for a, b in zip(captured, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_hyper_connection_batches(n):
+    """[262144, n, n] at T = 20, forward and backward (the hyper-connection workload: small-group launches of
+    8192 and 16384 CTAs): every matrix, up to the last, against the native CPU kernels (float64)."""
+    x = make_logits(262_144, n, n, seed=n, scale=2.0)
+    grad = make_logits(262_144, n, n, seed=n + 1)
+    got_x = x.cuda().requires_grad_()
+    got, iterations = symkernels.sinkhorn(got_x, 20, backend="cuda", return_iterations=True)
+    (got_grad,) = torch.autograd.grad(got, got_x, grad.cuda())
+    x64 = x.double().requires_grad_()
+    want = symkernels.sinkhorn(x64, 20, backend="cpu")
+    (want_grad,) = torch.autograd.grad(want, x64, grad.double())
+    assert bool((iterations == 20).all())
+    torch.testing.assert_close(got.cpu().double(), want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=1e-3, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     logits = make_logits(4, 36, 36, seed=8).cuda().requires_grad_()
 

@@ -7,6 +7,9 @@ torch.compile, the convolution built on it (channels_last inputs, autocast), and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -182,21 +185,87 @@ def test_gradcheck_float64():
         )
 
 
-def test_permuted_conv2d_matches_reference(implementation):
-    """The convolution of the expanded kernel, lifting and group conv, with a fixed identity."""
+@contextlib.contextmanager
+def float32_convolutions(precision: str) -> Iterator[None]:
+    """cuDNN's float32 convolutions at ``precision`` while the context lasts: ``"ieee"`` (float32) or
+    ``"tf32"`` (each operand rounded to TF32's 10 mantissa bits, on Ampere and later GPUs). PyTorch's default
+    lets cuDNN use TF32, so a test of a float32 convolution states which one it tests. Without a GPU the
+    setting changes nothing."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9 (the legacy flag conflicts)
+        saved = conv.fp32_precision
+        conv.fp32_precision = precision
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+    else:
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
+def tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to TF32 (10 mantissa bits, to nearest), as float64."""
+    bits = t.float().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    return rounded.view(torch.float32).double()
+
+
+def tf32_error_bound(x64: torch.Tensor, kernel64: torch.Tensor, padding: int) -> torch.Tensor:
+    """How far a TF32 convolution may be from the exact one: each operand within 2^-10 of itself (rounded to
+    nearest or truncated), so each product within 2^-9, plus float32 accumulation over the reduction, all
+    relative to the sum of the products' magnitudes."""
+    magnitudes = torch.nn.functional.conv2d(x64.abs(), kernel64.abs(), padding=padding)
+    terms = kernel64[0].numel()
+    return (2.0**-9 + terms * 2.0**-24) * magnitudes + 1e-7
+
+
+CONV_PRECISIONS = ["ieee", "tf32"]
+
+
+@pytest.mark.parametrize("precision", CONV_PRECISIONS)
+def test_permuted_conv2d_matches_reference(implementation, precision):
+    """The convolution of the expanded kernel, lifting and group conv, with a fixed identity: at float32's
+    precision when cuDNN computes in float32 (``ieee``), within TF32's error bound when it may use TF32 (the
+    default; the kernel itself is float32 either way)."""
     reps, weight = make_inputs(3, 4, 3, 2, 3)
     x = make_logits(2, 3, 4, 7, 7, dtype=torch.float64, seed=5)
     bias = make_logits(2, 1, 1, 1, dtype=torch.float64, seed=6)
     expected = permuted_conv2d_reference(x, prepend_identity(reps), weight, bias, kernel_size=3, padding=1)
-    got = symkernels.permuted_conv2d(
-        *(t.float().to(implementation.device) for t in (x, reps, weight, bias)),
-        kernel_size=3,
-        padding=1,
-        leading_identity=True,
-        backend=implementation.name,
-    )
+    with float32_convolutions(precision):
+        got = symkernels.permuted_conv2d(
+            *(t.float().to(implementation.device) for t in (x, reps, weight, bias)),
+            kernel_size=3,
+            padding=1,
+            leading_identity=True,
+            backend=implementation.name,
+        )
     assert got.shape == (2, 2, 4, 7, 7)
-    torch.testing.assert_close(got.cpu(), expected.float(), rtol=1e-4, atol=1e-5)
+    if precision == "ieee":
+        torch.testing.assert_close(got.cpu(), expected.float(), rtol=1e-4, atol=1e-5)
+    else:
+        kernel = expand_kernel_reference(prepend_identity(reps), weight, 3)
+        bound = tf32_error_bound(x.flatten(1, 2), kernel, 1).unflatten(1, (2, 4))
+        assert bool(((got.cpu().double() - expected).abs() <= bound).all())
+
+
+def test_tf32_convolutions_break_the_float32_tolerance_and_meet_their_bound():
+    """The TF32 convolution of test_permuted_conv2d_matches_reference, simulated on the CPU (operands rounded
+    to TF32, products summed exactly): most outputs miss the float32 comparison's rtol = 1e-4 (a float32
+    test of a GPU convolution must turn TF32 off), and all are within tf32_error_bound."""
+    reps, weight = make_inputs(3, 4, 3, 2, 3)
+    x = make_logits(2, 3, 4, 7, 7, dtype=torch.float64, seed=5).flatten(1, 2)
+    kernel = expand_kernel_reference(prepend_identity(reps), weight, 3)
+    exact = torch.nn.functional.conv2d(x, kernel, padding=1)
+    simulated = torch.nn.functional.conv2d(tf32(x), tf32(kernel), padding=1)
+    error = (simulated - exact).abs()
+    missed = error > 1e-5 + 1e-4 * exact.abs()
+    assert int(missed.sum()) > exact.numel() // 2, int(missed.sum())
+    assert bool((error <= tf32_error_bound(x, kernel, 1)).all())
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
@@ -213,7 +282,9 @@ def test_permuted_conv2d_asks_for_the_kernel_its_convolution_uses(implementation
     monkeypatch.setattr(
         functional, "expand_kernel", lambda *a, **kw: kernels.append(expand(*a, **kw)) or kernels[-1]
     )
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+    # float32 convolutions in float32: TF32 (the default) may be chosen for one layout and not the other.
+    precision = float32_convolutions("ieee")
+    with precision, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         outputs = [
             symkernels.permuted_conv2d(
                 x.contiguous(memory_format=layout),

@@ -23,8 +23,11 @@ def rounded(logits64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return logits64.to(dtype).to(torch.float64)
 
 
-def check_against_reference(impl, logits64, n_iter, tau, dtype, *, tol=None, stop="matrix", prepare=None):
-    """P, iterations and the gradient: at least as accurate (vs float64) as the same-dtype reference."""
+def check_against_reference(
+    impl, logits64, n_iter, tau, dtype, *, tol=None, stop="matrix", prepare=None, poison=None
+):
+    """P, iterations and the gradient: at least as accurate (vs float64) as the same-dtype reference.
+    ``poison()``, if given, runs before the forward and before the backward (see ``poisoned_outputs``)."""
     logits64 = rounded(logits64, dtype).requires_grad_()
     truth, truth_iterations = sinkhorn_reference(
         logits64, n_iter, tau, tol=tol or 0.0, stop=stop, return_iterations=True
@@ -37,6 +40,8 @@ def check_against_reference(impl, logits64, n_iter, tau, dtype, *, tol=None, sto
     (expected_grad,) = torch.autograd.grad(expected, low, grad.to(dtype))
 
     x = low.detach().to(impl.device).requires_grad_()
+    if poison is not None:
+        poison()
     p, iterations = symkernels.sinkhorn(
         x if prepare is None else prepare(x),
         n_iter,
@@ -46,7 +51,10 @@ def check_against_reference(impl, logits64, n_iter, tau, dtype, *, tol=None, sto
         backend=impl.name,
         return_iterations=True,
     )
-    (got_grad,) = torch.autograd.grad(p, x, grad.to(dtype).to(impl.device))
+    grad_device = grad.to(dtype).to(impl.device)
+    if poison is not None:
+        poison()
+    (got_grad,) = torch.autograd.grad(p, x, grad_device)
     assert p.shape == truth.shape and p.dtype == dtype and p.device.type == impl.device.type
     assert got_grad.shape == x.shape and got_grad.dtype == dtype
     if tol:
@@ -87,30 +95,53 @@ GPU_SIZES = [1, 3, 9, 16, 25, 36, 49, 64, 100, 196, 256, 392, 784]
 @pytest.mark.cuda
 @pytest.mark.parametrize("n_iter", [1, 20, 50])
 @pytest.mark.parametrize("n", GPU_SIZES)
-def test_gpu_parity_matrix(implementation, n, n_iter):
+def test_gpu_parity_matrix(implementation, n, n_iter, monkeypatch):
     """The GPU implementations at every kernel layout's sizes, in every dtype, with and without the tolerance
-    exit, on NaN-poisoned allocations (every output element must be written)."""
+    exit, every output allocated on poisoned memory (every output element must be written)."""
     if implementation.device.type != "cuda":
         pytest.skip("needs an implementation that runs on a CUDA GPU")
     batch = max(1, 4096 // (n * n))
     logits = make_logits(batch, n, n, dtype=torch.float64, seed=n + n_iter)
-    with PoisonedAllocations():
-        for dtype in implementation.dtypes:
-            check_against_reference(implementation, logits, n_iter, 1.0, dtype)
-        check_against_reference(implementation, logits, n_iter, 1.0, torch.float32, tol=1e-4)
+    poison = poisoned_outputs(implementation, monkeypatch)
+    for dtype in implementation.dtypes:
+        check_against_reference(implementation, logits, n_iter, 1.0, dtype, poison=poison)
+    check_against_reference(implementation, logits, n_iter, 1.0, torch.float32, tol=1e-4, poison=poison)
 
 
-class PoisonedAllocations:
-    """Make fresh CUDA allocations start as NaN: a large NaN-filled block is freed to the caching allocator,
-    which carves the next allocations out of it."""
+# Sizes of the allocations a parity case makes, from an int32 flag to the largest saved state: each must come
+# out of the caching allocator poisoned.
+_PROBE_BYTES = (4, 512, 4096, 100_000, 1 << 20, (1 << 20) + 1, 6 << 20, 40 << 20)
 
-    def __enter__(self):
+
+def poisoned_outputs(implementation, monkeypatch):
+    """A function that makes the next outputs of the op start as 0xFF bytes (NaN in every float type, -1 in
+    int32), to be called before each call whose outputs must all be written.
+
+    The Triton launchers' allocations are poisoned where they are made (tests.triton_testing.poison). The C++
+    entry points allocate through PyTorch's caching allocator, which serves a request from its cached free
+    blocks: each call empties the cache, then fills and frees blocks for both of its pools (requests of up to
+    1 MB are carved from 2 MB segments, larger ones from large blocks), so that whatever block a request is
+    served from holds 0xFF; allocations of the sizes a case makes are checked to come out poisoned.
+    """
+    if implementation.name == "triton":
+        from symkernels.ops import sinkhorn_triton
+        from tests.triton_testing import poison
+
+        poison(monkeypatch, sinkhorn_triton)
+
+    def poison_cache() -> None:
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.empty(1 << 26, device="cuda").fill_(float("nan"))
-        return self
+        blocks = [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(64)]  # small pool
+        blocks.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))  # large pool
+        for block in blocks:
+            block.fill_(0xFF)
+        del blocks
+        # Read on the host: a comparison on the device would write its result into the poisoned blocks.
+        probes = [torch.empty(size, dtype=torch.uint8, device="cuda").cpu() for size in _PROBE_BYTES]
+        assert all(bool((probe == 0xFF).all()) for probe in probes), "the allocator served unpoisoned memory"
 
-    def __exit__(self, *exc):
-        return False
+    return poison_cache
 
 
 # Cases the property tests found (tests/ops/test_properties.py, long profile), float32 logits,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import symkernels
 from symkernels.reference import sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference, make_logits
-from tests.triton_testing import poison
+from tests.triton_testing import only_programs, poison
 
 pytest.importorskip("triton")
 
@@ -100,7 +101,8 @@ def run_and_check(stacks, n_iter, tau, tol, device, monkeypatch, *, layout="pack
         monkeypatch.undo()
     num_matrices = sum(counts)
     assert p.shape == flat.shape and p.dtype == flat.dtype and grad_logits.shape == flat.shape
-    assert cols.shape == (num_matrices, n_iter, max(sizes, default=0)) and cols.dtype == torch.float64
+    max_n = max((n for n, count in zip(sizes, counts, strict=True) if count), default=0)
+    assert cols.shape == (num_matrices, n_iter, max_n) and cols.dtype == torch.float64
     assert domain.shape == iterations.shape == (num_matrices,)
     assert domain.dtype == iterations.dtype == torch.int32
     p, cols, domain, iterations, grad_logits = (t.cpu() for t in (p, cols, domain, iterations, grad_logits))
@@ -141,8 +143,8 @@ def run_and_check(stacks, n_iter, tau, tol, device, monkeypatch, *, layout="pack
 @pytest.mark.smoke
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ragged_sizes_match_reference(layout, triton_device, monkeypatch):
-    """Stacks of n = 1, 5 and 3 in one call, every layout; an empty stack of n = 12 makes the saved
-    scalings' rows wider than the kernels' blocks."""
+    """Stacks of n = 1, 5 and 3 in one call, every layout, next to an empty stack of n = 12 (which does not
+    widen the saved scalings' rows)."""
     stacks = make_stacks([1, 12, 5, 3], [2, 0, 1, 2])
     domain, _ = run_and_check(stacks, 3, 0.7, 0.0, triton_device, monkeypatch, layout=layout)
     if layout == "stepped":  # n = 1 stays with the fused kernels (fused_max_n = 1)
@@ -189,13 +191,49 @@ def test_non_finite_logits_make_only_their_matrix_nan(triton_device):
 
 
 def test_no_matrices(triton_device):
-    for sizes, counts in (([3, 2], [0, 0]), ([], [])):
+    """Every stack empty: ``cols`` is ``[0, n_iter, 0]``, as the op's fake (and every other device) says; an
+    empty stack's size does not widen it."""
+    for sizes, counts in (([3, 2], [0, 0]), ([1], [0]), ([], [])):
         x = torch.zeros(0, device=triton_device)
         p, cols, domain, iterations = sinkhorn_triton.forward(x, sizes, counts, 4, 1.0, 1e-3, None)
-        assert p.shape == (0,) and cols.shape == (0, 4, max(sizes, default=0))
+        assert p.shape == (0,) and cols.shape == (0, 4, 0)
         assert domain.shape == iterations.shape == (0,)
         grad = sinkhorn_triton.backward(p, x, sizes, counts, cols, domain, iterations, 1.0)
         assert grad.shape == (0,)
+
+
+def test_empty_stacks_give_the_shapes_of_the_fake(triton_device):
+    """Through the op: every stack empty, or empty stacks next to smaller matrices, give the outputs' shapes
+    that the fake implementation (torch.compile's view of the op) gives."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [[(0, 5, 5)], [(0, 5, 5), (0, 2, 2)], [(0, 12, 12), (2, 3, 3)]]
+    for shapes in cases:
+        stacks = [torch.rand(shape, device=triton_device) for shape in shapes]
+        got = torch.ops.symkernels.sinkhorn(stacks, 4, 1.0, 0.0, "matrix", None, "triton")
+        with FakeTensorMode() as mode:
+            fake = torch.ops.symkernels.sinkhorn(
+                [mode.from_tensor(s) for s in stacks], 4, 1.0, 0.0, "matrix", None, "triton"
+            )
+        assert [t.shape for t in got[0]] == [t.shape for t in fake[0]]
+        assert [t.shape for t in got[1:]] == [t.shape for t in fake[1:]], shapes
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_out_of_range_caps_are_clamped(layout, triton_device):
+    """Caps outside 1..n_iter are clamped, as the CUDA kernels clamp them (the launchers cannot check caps
+    without a host sync): 0 and below run one iteration, past n_iter run n_iter."""
+    stacks = make_stacks([6, 5], [3, 2])
+    flat = concatenated(stacks).to(triton_device)
+    runs = {}
+    for name, caps in (("raw", [0, 99, -5, 3, 7]), ("clamped", [1, 7, 1, 3, 7])):
+        with sinkhorn_triton.tuning(**LAYOUTS[layout]):
+            caps_tensor = torch.tensor(caps, dtype=torch.int32, device=triton_device)
+            outputs = sinkhorn_triton.forward(flat, [6, 5], [3, 2], 7, 0.7, 0.0, caps_tensor)
+        runs[name] = [t.cpu() for t in outputs]
+    assert runs["raw"][3].tolist() == [1, 7, 1, 3, 7]
+    for got, want in zip(runs["raw"], runs["clamped"], strict=True):
+        assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,3 +281,62 @@ def test_caps_limit_each_matrix(layout, tol, triton_device, monkeypatch):
     assert all(t <= cap for t, cap in zip(iterations.tolist(), caps, strict=True))
     if tol == 0.0:
         assert iterations.tolist() == caps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The hyper-connection workload: [262144, n, n] at T = 20 for n = 4 and 8, with the GPU's tuning (packed
+# programs of 256 or 64 matrices, 1024 or 4096 of them).
+
+HYPER_BATCH = 262_144
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_hyper_connection_batches_on_a_few_programs(n, monkeypatch):
+    """In the interpreter, which cannot run the whole grid in seconds: the programs that serve the first, a
+    middle and the last matrices, forward and backward, with every other output left as allocated (NaN)."""
+    from symkernels.ops.triton_support import INTERPRETED
+
+    if not INTERPRETED:
+        pytest.skip("the whole batch runs on the GPU (test_hyper_connection_batches_on_the_gpu)")
+    with sinkhorn_triton.tuning(packed_elements=sinkhorn_triton.Tuning().packed_elements):
+        forward_mb = sinkhorn_triton.packed_plan(n, HYPER_BATCH)["MB"]
+        backward_mb = sinkhorn_triton.packed_plan(n, HYPER_BATCH, backward=True)["MB"]
+        windows = [0, HYPER_BATCH // 2, HYPER_BATCH - forward_mb]  # first matrices of forward programs
+
+        def served(name, program):
+            first = program * (backward_mb if "backward" in name else forward_mb)
+            return any(start <= first < start + forward_mb for start in windows)
+
+        x = make_logits(HYPER_BATCH * n * n, seed=n, scale=2.0)
+        grad = make_logits(HYPER_BATCH * n * n, seed=n + 1)
+        poison(monkeypatch, sinkhorn_triton)
+        with only_programs(served):
+            p, cols, domain, iterations = sinkhorn_triton.forward(x, [n], [HYPER_BATCH], 20, 1.0, 0.0, None)
+            grad_x = sinkhorn_triton.backward(grad, x, [n], [HYPER_BATCH], cols, domain, iterations, 1.0)
+    matrices = torch.cat([torch.arange(start, start + forward_mb) for start in windows])
+    others = torch.ones(HYPER_BATCH, dtype=torch.bool)
+    others[matrices] = False
+    p, grad_x = p.view(HYPER_BATCH, n, n), grad_x.view(HYPER_BATCH, n, n)
+    assert bool(p[others].isnan().all()) and bool(grad_x[others].isnan().all())
+    assert bool((iterations[matrices] == 20).all()) and bool((domain[matrices] == 0).all())
+    x64 = x.view(HYPER_BATCH, n, n)[matrices].double()
+    ref = reference(x64, 20, 1.0, 0.0, grad.view(HYPER_BATCH, n, n)[matrices].double())
+    assert_as_accurate_as_reference(p[matrices], ref[torch.float32][0], ref[torch.float64][0])
+    assert_as_accurate_as_reference(grad_x[matrices], ref[torch.float32][1], ref[torch.float64][1])
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_hyper_connection_batches_on_the_gpu(n, gpu):
+    """Every matrix, up to the last, forward and backward, against the native CPU kernels (float64)."""
+    x = make_logits(HYPER_BATCH * n * n, seed=n, scale=2.0)
+    grad = make_logits(HYPER_BATCH * n * n, seed=n + 1)
+    p, cols, domain, iterations = sinkhorn_triton.forward(x.to(gpu), [n], [HYPER_BATCH], 20, 1.0, 0.0, None)
+    grad_x = sinkhorn_triton.backward(
+        grad.to(gpu), x.to(gpu), [n], [HYPER_BATCH], cols, domain, iterations, 1.0
+    )
+    x64 = x.view(HYPER_BATCH, n, n).double().requires_grad_()
+    want = symkernels.sinkhorn(x64, 20, backend="cpu")
+    (want_grad,) = torch.autograd.grad(want, x64, grad.view(HYPER_BATCH, n, n).double())
+    assert bool((iterations == 20).all())
+    torch.testing.assert_close(p.cpu().view(HYPER_BATCH, n, n).double(), want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_x.cpu().view(HYPER_BATCH, n, n).double(), want_grad, rtol=1e-3, atol=1e-5)

@@ -42,7 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
                                                                    const std::vector<int64_t>& counts, int64_t n_iter,
                                                                    double tau, double tol,
                                                                    const std::optional<at::Tensor>& caps,
-                                                                   int64_t cluster, int64_t shared_rows) {
+                                                                   int64_t cluster, int64_t shared_rows,
+                                                                   const std::vector<int64_t>& blocks) {
   TORCH_CHECK(logits.is_contiguous() && logits.dim() == 1, "logits must be 1-D and contiguous");
   int64_t matrices = 0;
   for (int64_t c : counts) matrices += c;
@@ -69,14 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
   a.tol = static_cast<float>(tol);
   a.test = tol > 0 ? 1 : 0;
   if (matrices > 0) {
-    sc::emulated_forward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows)});
+    sc::emulated_forward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows), blocks});
   }
   return {p, cols, domain, iterations};
 }
 
 at::Tensor backward(const at::Tensor& grad_p, const at::Tensor& logits, const std::vector<int64_t>& sizes,
                     const std::vector<int64_t>& counts, const at::Tensor& cols, const at::Tensor& domain,
-                    const at::Tensor& iterations, double tau, int64_t cluster, int64_t shared_rows) {
+                    const at::Tensor& iterations, double tau, int64_t cluster, int64_t shared_rows,
+                    const std::vector<int64_t>& blocks) {
   TORCH_CHECK(logits.is_contiguous() && grad_p.is_contiguous() && cols.is_contiguous(), "contiguous inputs");
   auto nan = std::numeric_limits<double>::quiet_NaN();
   at::Tensor out = at::full_like(logits, nan);
@@ -100,7 +102,22 @@ at::Tensor backward(const at::Tensor& grad_p, const at::Tensor& logits, const st
   a.max_n = static_cast<int32_t>(cols.size(2));
   a.tau = static_cast<float>(tau);
   if (cols.size(0) > 0) {
-    sc::emulated_backward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows)});
+    sc::emulated_backward(a, sizes, counts, {static_cast<int>(cluster), static_cast<int>(shared_rows), blocks});
+  }
+  return out;
+}
+
+// The block launches planned for `calls` ((device, max n, matrices) each) through one plan cache, with a driver
+// that counts its questions: per call (cluster, shared bytes, limit raises, last limit, fit queries so far).
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> plan_block_calls(
+    const std::vector<std::vector<int64_t>>& calls, bool backward, int64_t major, int64_t multiprocessors,
+    int64_t max_shared_bytes, int64_t max_cluster) {
+  const sc::DeviceInfo device{0, static_cast<int>(major), static_cast<int>(multiprocessors),
+                              static_cast<int>(max_shared_bytes)};
+  const auto pass = backward ? sc::BlockPass::kBackward : sc::BlockPass::kForward;
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> out;
+  for (const sc::PlannedCall& c : sc::plan_block_calls(calls, pass, device, static_cast<int>(max_cluster))) {
+    out.emplace_back(c.launch.cluster, c.launch.shared_bytes, c.limit_raises, c.limit_bytes, c.fit_queries);
   }
   return out;
 }
@@ -180,8 +197,14 @@ std::tuple<at::Tensor, at::Tensor> expand_backward(const at::Tensor& grad, const
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sinkhorn_forward", &forward);
-  m.def("sinkhorn_backward", &backward);
+  // blocks: the blocks of every launch to emulate (by their first block for clusters); empty: all of them.
+  m.def("sinkhorn_forward", &forward, py::arg("logits"), py::arg("sizes"), py::arg("counts"), py::arg("n_iter"),
+        py::arg("tau"), py::arg("tol"), py::arg("caps"), py::arg("cluster"), py::arg("shared_rows"),
+        py::arg("blocks") = std::vector<int64_t>());
+  m.def("sinkhorn_backward", &backward, py::arg("grad_p"), py::arg("logits"), py::arg("sizes"), py::arg("counts"),
+        py::arg("cols"), py::arg("domain"), py::arg("iterations"), py::arg("tau"), py::arg("cluster"),
+        py::arg("shared_rows"), py::arg("blocks") = std::vector<int64_t>());
+  m.def("plan_block_calls", &plan_block_calls);
   m.def("expand_forward", &expand_forward);
   m.def("expand_backward", &expand_backward);
 }

@@ -6,9 +6,12 @@
 // (The emulation first: it stands in for the CUDA headers.)
 #include "sinkhorn/sinkhorn_cuda_block_backward.cuh"
 #include "sinkhorn/sinkhorn_cuda_block_forward.cuh"
+#include "sinkhorn/sinkhorn_cuda_block_plan.h"
 #include "sinkhorn/sinkhorn_cuda_plan.h"
 #include "sinkhorn/sinkhorn_cuda_small.cuh"
 #include "sinkhorn_emulated.h"
+
+#include <algorithm>
 
 namespace symkernels::sinkhorn_cuda {
 namespace {
@@ -47,10 +50,23 @@ void block_backward(const BackwardArgs& a, const StackTable& t, int64_t max_n, c
   block<CT, BlockPass::kBackward>(block_backward_kernel<CT, shape.warps, shape.register_rows>, a, t, max_n, how);
 }
 
+// Runs only how.blocks of every launch while it lives (all of them when empty).
+class BlockSelection {
+ public:
+  explicit BlockSelection(const std::vector<int64_t>& blocks) {
+    if (blocks.empty()) return;
+    emulation::cluster_filter() = [blocks](unsigned first) {
+      return std::find(blocks.begin(), blocks.end(), static_cast<int64_t>(first)) != blocks.end();
+    };
+  }
+  ~BlockSelection() { emulation::cluster_filter() = nullptr; }
+};
+
 }  // namespace
 
 void emulated_forward(const ForwardArgs& a, const std::vector<int64_t>& sizes, const std::vector<int64_t>& counts,
                       const EmulatedLaunch& how) {
+  const BlockSelection selection(how.blocks);
   const CallPlan plan = plan_call(sizes, counts);
   for (const LaunchGroup& g : plan.launches) {
     if (g.small) {
@@ -75,6 +91,7 @@ void emulated_forward(const ForwardArgs& a, const std::vector<int64_t>& sizes, c
 
 void emulated_backward(const BackwardArgs& a, const std::vector<int64_t>& sizes, const std::vector<int64_t>& counts,
                        const EmulatedLaunch& how) {
+  const BlockSelection selection(how.blocks);
   const CallPlan plan = plan_call(sizes, counts);
   for (const LaunchGroup& g : plan.launches) {
     if (g.small) {
@@ -99,6 +116,44 @@ void emulated_backward(const BackwardArgs& a, const std::vector<int64_t>& sizes,
 
 int64_t emulated_block_rows(const std::vector<int64_t>& sizes, const std::vector<int64_t>& counts) {
   return plan_call(sizes, counts).block_rows;
+}
+
+namespace {
+
+struct CountingDriver final : BlockDriver {
+  PlannedCall* counts;
+  const DeviceInfo* device;
+  int max_cluster;
+
+  bool allow_shared_bytes(int64_t bytes) override {
+    ++counts->limit_raises;
+    counts->limit_bytes = bytes;
+    return bytes <= device->max_shared_bytes;
+  }
+  bool cluster_fits(const BlockShape&, int cluster, int64_t bytes) override {
+    ++counts->fit_queries;
+    return cluster <= max_cluster && bytes <= counts->limit_bytes;  // a launch past the kernel's limit fails
+  }
+};
+
+}  // namespace
+
+std::vector<PlannedCall> plan_block_calls(const std::vector<std::vector<int64_t>>& calls, BlockPass pass,
+                                          const DeviceInfo& device, int max_cluster) {
+  BlockPlanCache cache(pass);
+  PlannedCall counts{{0, 0}, 0, 0, 0};
+  std::vector<PlannedCall> planned;
+  for (const std::vector<int64_t>& call : calls) {
+    DeviceInfo on = device;
+    on.index = static_cast<int>(call.at(0));
+    CountingDriver driver;
+    driver.counts = &counts;
+    driver.device = &on;
+    driver.max_cluster = max_cluster;
+    counts.launch = cache.plan(driver, call.at(1), call.at(2), on);
+    planned.push_back(counts);
+  }
+  return planned;
 }
 
 }  // namespace symkernels::sinkhorn_cuda
