@@ -71,14 +71,14 @@ class NonFiniteInputError(ValueError):
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise :class:`NonFiniteInputError` on NaN/Inf. Reads one flag from the device (a host sync); callers
-    may opt out."""
+    """Raise :class:`NonFiniteInputError` on NaN/Inf. Reads one flag from the device (a host sync): the
+    functions that offer it make it an opt-in (``check_finite=True``)."""
     if torch.compiler.is_compiling():
         return  # a data-dependent branch cannot be traced; compiled callers opt out implicitly
     if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteInputError(
-            f"{name} contains NaN or Inf; pass check_finite=False to skip this check "
-            "(the output is then NaN wherever the input is not finite)"
+            f"{name} contains NaN or Inf (check_finite=True); without the check the output is NaN wherever "
+            "the input is not finite"
         )
 
 

@@ -14,7 +14,9 @@ class DoublyStochasticStack(nn.Module):
 
     With ``fix_identity`` the first element is the exact identity (a buffer) and only ``group_size − 1``
     logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack. The logits start
-    as ``U[0, 1)`` draws from ``generator`` (the global generator when None).
+    as ``U[0, 1)`` draws from ``generator`` (the global generator when None). ``check_finite=True`` makes
+    every Sinkhorn of the logits raise on NaN/Inf (:func:`symkernels.sinkhorn`'s option: a host sync per
+    call on a GPU); by default non-finite logits give NaN matrices, read nowhere.
     """
 
     # Set while symkernels.nn.precompute_representations is active: the learned matrices, computed with the
@@ -29,7 +31,7 @@ class DoublyStochasticStack(nn.Module):
         tau: float = 1.0,
         fix_identity: bool = True,
         *,
-        check_finite: bool = True,
+        check_finite: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()

@@ -314,7 +314,11 @@ def test_cpu_computes_low_precision_in_float32(dtype):
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), tol=float("nan")), ValueError, "tol must be None or"),
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), stop="all"), ValueError, "stop must be one of"),
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), backward="exact"), ValueError, "backward must be"),
-        (lambda: symkernels.sinkhorn(torch.full((3, 3), float("nan"))), ValueError, "logits contains NaN"),
+        (
+            lambda: symkernels.sinkhorn(torch.full((3, 3), float("nan")), check_finite=True),
+            ValueError,
+            "logits contains NaN",
+        ),
         (lambda: symkernels.grouped_sinkhorn(torch.rand(2, 3, 3)), TypeError, "sequence of"),
         (lambda: symkernels.grouped_sinkhorn([torch.rand(3, 3)]), ValueError, r"stacks\[0\] must have shape"),
         (lambda: symkernels.grouped_sinkhorn([torch.rand(1, 0, 0)]), ValueError, r"stacks\[0\] must have n"),
