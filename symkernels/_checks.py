@@ -121,8 +121,11 @@ def check_expansion(
         raise ValueError(f"weight's last dimension ({weight.shape[-1]}) must equal the reps' size d = {d}")
     if d % (k * k) != 0:
         raise ValueError(f"kernel_size={k}: k² = {k * k} must divide d = {d} (d = G_in·k²)")
-    check_same_device({"reps": reps, "weight": weight})
-    check_same_dtype({"reps": reps, "weight": weight})
+    # (What check_same_device and check_same_dtype say, without their dictionaries: this runs on every call.)
+    if weight.device != reps.device:
+        raise ValueError(f"weight is on {weight.device} but reps is on {reps.device}; put them on one device")
+    if weight.dtype != reps.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but reps has {reps.dtype}; cast them to one dtype")
     return d, d // (k * k)
 
 

@@ -169,7 +169,9 @@ def resolve(
         source = "use_backend()" if _context_choice.get() is not None else BACKEND_ENV_VAR
     # Every op call asks: the answers, a function of these few values, are kept (but for matrices larger
     # than the CUDA kernels take, whose answer names the size).
-    oversized = max_size is not None and max_size > CUDA_MAX_SIZE
+    # torch.compile traces the choice (and guards on what it read): no cache there, whose filling would make
+    # the next call's guards fail.
+    oversized = max_size is not None and max_size > CUDA_MAX_SIZE or torch.compiler.is_compiling()
     key = (choice, device.type, dtype, op)
     answer = None if oversized else _ANSWERS.get(key)
     if answer is None:

@@ -124,7 +124,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run the step's forward and regularisers (and so their backward) as one torch.compile graph; "
         'on CUDA with mode="reduce-overhead" (CUDA graphs). Equal to the eager step within float rounding; '
-        "compiling takes a minute or so before the first step",
+        "compiling takes up to a minute before the first step. On the CPU the default run's compiled step "
+        "measured slower than the eager one (bench/train_step.py)",
     )
     runtime.add_argument("--data-dir", metavar="PATH", help="torchvision data folder for mnist/cifar10")
     runtime.add_argument("--download", action="store_true", help="let torchvision download the data")

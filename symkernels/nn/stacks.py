@@ -43,6 +43,9 @@ class DoublyStochasticStack(nn.Module):
         self.check_finite = bool(check_finite)
         learned = group_size - 1 if fix_identity else group_size
         self.logits = nn.Parameter(torch.rand(learned, dim, dim, generator=generator))
+        # An attribute of the instance from the start: torch.compile guards on the instance's attributes, and
+        # one that appeared after the first call would recompile the model.
+        self._precomputed = None
 
     def forward(self) -> torch.Tensor:
         """The whole stack ``[group_size, dim, dim]`` (the identity first when fixed)."""
