@@ -39,8 +39,9 @@ class TrainingStep:
     ``net`` runs the forward (``model`` wrapped in DDP; default ``model``). ``compile=True`` runs the forward
     and the regularisers as one ``torch.compile`` graph (``fullgraph=True``), whose backward AOTAutograd
     compiles as one graph too; on CUDA with ``mode="reduce-overhead"`` (CUDA graphs). The optimizer step stays
-    eager. A compiled step computes what the eager one does within float rounding, not bit for bit (the
-    compiler fuses and reorders the elementwise work).
+    eager. Not with ``net`` a wrapper (DDP): dynamo cannot trace DistributedDataParallel's forward whole. A
+    compiled step computes what the eager one does within float rounding, not bit for bit (the compiler fuses
+    and reorders the elementwise work).
     """
 
     def __init__(
@@ -58,6 +59,11 @@ class TrainingStep:
         self.cuda_graphs = False
         self.forward = objective
         if compile:
+            if self.net is not model:
+                raise ValueError(
+                    "--compile runs in one process: torch.compile(fullgraph=True) cannot trace "
+                    "DistributedDataParallel's forward; leave --compile out under torchrun"
+                )
             device = next(model.parameters()).device
             self.cuda_graphs = device.type == "cuda"
             # On the CPU inductor's layout optimisation turns the convolutions channels_last, which made the

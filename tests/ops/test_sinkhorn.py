@@ -113,7 +113,7 @@ class PoisonedAllocations:
         return False
 
 
-# Cases the property tests found (tests/ops/test_properties.py, long profile), float32 logits, grad_p = linspace.
+# Cases the property tests found (tests/ops/test_properties.py, long profile): float32, grad_p linspace.
 # "saturated": one iteration at tau ≈ 2.4e-3; the true gradient of row 1 is ±1.6e-14, about 1e-17 of
 # |grad_p| / tau, and one float64 ulp of P[1, 0] (≈ 1) moves it by about that much (the float64 autograd truth
 # gets P[1, 0] exactly 1 and one of those entries exactly 0). "cancelling": two iterations of near-uniform

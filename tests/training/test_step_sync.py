@@ -92,3 +92,13 @@ def test_the_detector_sees_a_read():
     with HostReads() as mode:
         symkernels.sinkhorn(logits, check_finite=True)
     assert mode.reads == ["aten._local_scalar_dense.default"]
+
+
+def test_a_compiled_step_refuses_a_wrapped_model():
+    """torch.compile(fullgraph=True) cannot trace DistributedDataParallel's forward: --compile is refused
+    under torchrun, before anything is written."""
+    model = WSCNN(hidden_channels=2, kernel_size=3, num_layers=0)
+    with pytest.raises(ValueError, match="--compile runs in one process"):
+        TrainingStep(
+            model, build_optimizer(model, CONFIG), CONFIG, net=torch.nn.Sequential(model), compile=True
+        )
