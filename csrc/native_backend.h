@@ -5,8 +5,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
-#include <string_view>
 
 namespace symkernels {
 
@@ -16,7 +16,7 @@ inline constexpr bool kNativeCudaKernels = true;
 inline constexpr bool kNativeCudaKernels = false;
 #endif
 
-inline bool native_serves(std::string_view backend, const at::Tensor& first) {
+inline bool native_serves(c10::string_view backend, const at::Tensor& first) {
   const at::ScalarType dtype = first.scalar_type();
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   if (backend == "cpu") return first.is_cpu() && (half || dtype == at::kFloat || dtype == at::kDouble);

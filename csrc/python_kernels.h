@@ -6,11 +6,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -18,18 +18,18 @@ namespace symkernels::python_kernels {
 
 using SinkhornOutputs = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
-SinkhornOutputs sinkhorn(at::TensorList stacks, int64_t n_iter, double tau, double tol, std::string_view stop,
-                         const std::optional<at::Tensor>& caps, std::string_view backend);
+SinkhornOutputs sinkhorn(at::TensorList stacks, int64_t n_iter, double tau, double tol, c10::string_view stop,
+                         const std::optional<at::Tensor>& caps, c10::string_view backend);
 
 std::vector<at::Tensor> sinkhorn_backward(at::TensorList grad_p, at::TensorList stacks, const at::Tensor& cols,
                                           const at::Tensor& domain, const at::Tensor& iterations, double tau,
-                                          std::string_view backend);
+                                          c10::string_view backend);
 
 at::Tensor expand_kernel(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size, bool leading_identity,
-                         bool channels_last, at::ScalarType dtype, std::string_view backend);
+                         bool channels_last, at::ScalarType dtype, c10::string_view backend);
 
 std::tuple<at::Tensor, at::Tensor> expand_kernel_backward(const at::Tensor& grad, const at::Tensor& reps,
                                                           const at::Tensor& weight, int64_t kernel_size,
-                                                          bool leading_identity, std::string_view backend);
+                                                          bool leading_identity, c10::string_view backend);
 
 }  // namespace symkernels::python_kernels

@@ -2,6 +2,7 @@
 // symkernels._C and its functions, and the calls of the ops' Python implementations (python_kernels.h). The op
 // schemas and fake kernels live in Python; the ops' dispatcher kernels and autograd in <family>/<family>_op.cpp; the
 // kernels in one folder per op family, with only lean ATen headers.
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
@@ -73,6 +74,8 @@ void set_python_kernel(const std::string& op, pybind11::function implementation)
   *slot = std::move(implementation);
 }
 
+std::string text(c10::string_view view) { return std::string(view.data(), view.size()); }
+
 template <typename Result, typename... Args>
 Result call_python(std::string_view op, Args&&... args) {
   pybind11::gil_scoped_acquire gil;
@@ -94,30 +97,32 @@ Result call_python(std::string_view op, Args&&... args) {
 
 namespace python_kernels {
 
-SinkhornOutputs sinkhorn(at::TensorList stacks, int64_t n_iter, double tau, double tol, std::string_view stop,
-                         const std::optional<at::Tensor>& caps, std::string_view backend) {
-  return call_python<SinkhornOutputs>("sinkhorn", stacks.vec(), n_iter, tau, tol, std::string(stop), caps,
-                                      std::string(backend));
+SinkhornOutputs sinkhorn(at::TensorList stacks, int64_t n_iter, double tau, double tol, c10::string_view stop,
+                         const std::optional<at::Tensor>& caps, c10::string_view backend) {
+  return call_python<SinkhornOutputs>("sinkhorn", stacks.vec(), n_iter, tau, tol, text(stop), caps, text(backend));
 }
 
 std::vector<at::Tensor> sinkhorn_backward(at::TensorList grad_p, at::TensorList stacks, const at::Tensor& cols,
                                           const at::Tensor& domain, const at::Tensor& iterations, double tau,
-                                          std::string_view backend) {
+                                          c10::string_view backend) {
   return call_python<std::vector<at::Tensor>>("sinkhorn_backward", grad_p.vec(), stacks.vec(), cols, domain,
-                                              iterations, tau, std::string(backend));
+                                              iterations, tau, text(backend));
 }
 
 at::Tensor expand_kernel(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size, bool leading_identity,
-                         bool channels_last, at::ScalarType dtype, std::string_view backend) {
-  return call_python<at::Tensor>("expand_kernel", reps, weight, kernel_size, leading_identity, channels_last, dtype,
-                                 std::string(backend));
+                         bool channels_last, at::ScalarType dtype, c10::string_view backend) {
+  // The dtype as the torch.dtype object itself (torch's pybind caster for it is not in every torch version).
+  const auto torch_dtype =
+      pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
+  return call_python<at::Tensor>("expand_kernel", reps, weight, kernel_size, leading_identity, channels_last,
+                                 torch_dtype, text(backend));
 }
 
 std::tuple<at::Tensor, at::Tensor> expand_kernel_backward(const at::Tensor& grad, const at::Tensor& reps,
                                                           const at::Tensor& weight, int64_t kernel_size,
-                                                          bool leading_identity, std::string_view backend) {
+                                                          bool leading_identity, c10::string_view backend) {
   return call_python<std::tuple<at::Tensor, at::Tensor>>("expand_kernel_backward", grad, reps, weight, kernel_size,
-                                                         leading_identity, std::string(backend));
+                                                         leading_identity, text(backend));
 }
 
 }  // namespace python_kernels

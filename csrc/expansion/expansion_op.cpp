@@ -13,9 +13,9 @@
 #include <torch/library.h>
 
 #include <string>
-#include <string_view>
 #include <tuple>
 
+#include "autograd_node.h"
 #include "expansion/expansion.h"
 #include "native_backend.h"
 #include "python_kernels.h"
@@ -27,9 +27,9 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, at::ScalarType,
-                                    std::string_view);
+                                    c10::string_view);
 using BackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                             int64_t, bool, std::string_view);
+                                                             int64_t, bool, c10::string_view);
 
 // Looked up on first use: the schemas are defined when Python imports symkernels.ops.expansion.
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
@@ -49,7 +49,7 @@ at::Tensor widened(const at::Tensor& t) { return widened_on_cpu(t) ? t.to(at::kF
 
 // The kernel written in the layout and dtype the convolution wants, so that no copy or cast runs between the two.
 at::Tensor forward_kernel(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size, bool leading_identity,
-                          bool channels_last, at::ScalarType dtype, std::string_view backend) {
+                          bool channels_last, at::ScalarType dtype, c10::string_view backend) {
   if (!native_serves(backend, weight)) {
     return python_kernels::expand_kernel(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend);
   }
@@ -66,7 +66,7 @@ at::Tensor forward_kernel(const at::Tensor& reps, const at::Tensor& weight, int6
 // Gradients in reps' and weight's dtype, from a gradient of any layout and floating dtype.
 std::tuple<at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad, const at::Tensor& reps,
                                                    const at::Tensor& weight, int64_t kernel_size,
-                                                   bool leading_identity, std::string_view backend) {
+                                                   bool leading_identity, c10::string_view backend) {
   if (!native_serves(backend, weight)) {
     return python_kernels::expand_kernel_backward(grad, reps, weight, kernel_size, leading_identity, backend);
   }
@@ -99,7 +99,7 @@ struct ExpandKernelBackward final : torch::autograd::Node {
 
 at::Tensor autograd_kernel(c10::DispatchKeySet keys, const at::Tensor& reps, const at::Tensor& weight,
                            int64_t kernel_size, bool leading_identity, bool channels_last, at::ScalarType dtype,
-                           std::string_view backend) {
+                           c10::string_view backend) {
   at::Tensor kernel;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -107,13 +107,13 @@ at::Tensor autograd_kernel(c10::DispatchKeySet keys, const at::Tensor& reps, con
                                      channels_last, dtype, backend);
   }
   if (torch::autograd::compute_requires_grad(reps, weight)) {
-    auto node = c10::make_intrusive<ExpandKernelBackward>();
+    auto node = make_node<ExpandKernelBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(reps, weight));
     node->reps = SavedVariable(reps, /*is_output=*/false);
     node->weight = SavedVariable(weight, /*is_output=*/false);
     node->kernel_size = kernel_size;
     node->leading_identity = leading_identity;
-    node->backend = std::string(backend);
+    node->backend = std::string(backend.data(), backend.size());
     torch::autograd::set_history(kernel, node);
   }
   return kernel;

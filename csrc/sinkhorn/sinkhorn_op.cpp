@@ -14,10 +14,10 @@
 #include <torch/library.h>
 
 #include <string>
-#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "autograd_node.h"
 #include "native_backend.h"
 #include "python_kernels.h"
 #include "sinkhorn/sinkhorn.h"
@@ -29,10 +29,10 @@ using python_kernels::SinkhornOutputs;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-using ForwardSignature = SinkhornOutputs(at::TensorList, int64_t, double, double, std::string_view,
-                                         const std::optional<at::Tensor>&, std::string_view);
+using ForwardSignature = SinkhornOutputs(at::TensorList, int64_t, double, double, c10::string_view,
+                                         const std::optional<at::Tensor>&, c10::string_view);
 using BackwardSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, const at::Tensor&,
-                                                  const at::Tensor&, const at::Tensor&, double, std::string_view);
+                                                  const at::Tensor&, const at::Tensor&, double, c10::string_view);
 
 // Looked up on first use: the schemas are defined when Python imports symkernels.ops.sinkhorn.
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
@@ -63,8 +63,8 @@ std::vector<at::Tensor> narrowed(std::vector<at::Tensor> results, at::TensorList
   return results;
 }
 
-SinkhornOutputs forward_kernel(at::TensorList stacks, int64_t n_iter, double tau, double tol, std::string_view stop,
-                               const std::optional<at::Tensor>& caps, std::string_view backend) {
+SinkhornOutputs forward_kernel(at::TensorList stacks, int64_t n_iter, double tau, double tol, c10::string_view stop,
+                               const std::optional<at::Tensor>& caps, c10::string_view backend) {
   const bool known_stop = stop == "matrix" || stop == "stack";
   if (stacks.empty() || !known_stop || !native_serves(backend, stacks[0])) {
     return python_kernels::sinkhorn(stacks, n_iter, tau, tol, stop, caps, backend);
@@ -75,7 +75,7 @@ SinkhornOutputs forward_kernel(at::TensorList stacks, int64_t n_iter, double tau
 
 std::vector<at::Tensor> backward_kernel(at::TensorList grad_p, at::TensorList stacks, const at::Tensor& cols,
                                         const at::Tensor& domain, const at::Tensor& iterations, double tau,
-                                        std::string_view backend) {
+                                        c10::string_view backend) {
   if (stacks.empty() || !native_serves(backend, stacks[0])) {
     return python_kernels::sinkhorn_backward(grad_p, stacks, cols, domain, iterations, tau, backend);
   }
@@ -112,8 +112,8 @@ struct SinkhornBackward final : torch::autograd::Node {
 };
 
 SinkhornOutputs autograd_kernel(c10::DispatchKeySet keys, at::TensorList stacks, int64_t n_iter, double tau,
-                                double tol, std::string_view stop, const std::optional<at::Tensor>& caps,
-                                std::string_view backend) {
+                                double tol, c10::string_view stop, const std::optional<at::Tensor>& caps,
+                                c10::string_view backend) {
   SinkhornOutputs out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -121,7 +121,7 @@ SinkhornOutputs autograd_kernel(c10::DispatchKeySet keys, at::TensorList stacks,
   }
   if (torch::autograd::compute_requires_grad(stacks)) {
     auto& [p, cols, domain, iterations] = out;
-    auto node = c10::make_intrusive<SinkhornBackward>();
+    auto node = make_node<SinkhornBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(stacks));
     node->stacks.reserve(stacks.size());
     for (const at::Tensor& stack : stacks) node->stacks.emplace_back(stack, /*is_output=*/false);
@@ -130,7 +130,7 @@ SinkhornOutputs autograd_kernel(c10::DispatchKeySet keys, at::TensorList stacks,
     node->domain = SavedVariable(domain, false);
     node->iterations = SavedVariable(iterations, false);
     node->tau = tau;
-    node->backend = std::string(backend);
+    node->backend = std::string(backend.data(), backend.size());
     torch::autograd::set_history(p, node);
   }
   return out;
