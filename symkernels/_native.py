@@ -33,8 +33,15 @@ BUILD_INFO_FILE = Path(__file__).resolve().parent / "_build_info.json"
 _MODULE = "symkernels._C"
 _BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _REBUILD = f"rebuild with `{_BUILD_COMMAND}`"
-# The kernels the op families call (symkernels.ops.sinkhorn, symkernels.ops.expansion).
-ENTRY_POINTS = ("sinkhorn_forward", "sinkhorn_backward", "expand_forward", "expand_backward")
+# The kernels (the ops' native kernels call them; tests and benchmarks call them directly) and the hook that
+# gives the ops' registered kernels their Python implementation (symkernels.ops.sinkhorn, .expansion).
+ENTRY_POINTS = (
+    "sinkhorn_forward",
+    "sinkhorn_backward",
+    "expand_forward",
+    "expand_backward",
+    "set_python_kernel",
+)
 
 
 @dataclass(frozen=True)

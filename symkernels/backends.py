@@ -167,16 +167,32 @@ def resolve(
     else:
         choice = current_choice()
         source = "use_backend()" if _context_choice.get() is not None else BACKEND_ENV_VAR
+    # Every op call asks: the answers, a function of these few values, are kept (but for matrices larger
+    # than the CUDA kernels take, whose answer names the size).
+    # torch.compile traces the choice (and guards on what it read): no cache there, whose filling would make
+    # the next call's guards fail.
+    oversized = max_size is not None and max_size > CUDA_MAX_SIZE or torch.compiler.is_compiling()
+    key = (choice, device.type, dtype, op)
+    answer = None if oversized else _ANSWERS.get(key)
+    if answer is None:
+        answer = _answer(choice, device, dtype, op, max_size)
+        if not oversized:
+            _ANSWERS[key] = answer
+    name, reason = answer
+    if reason is not None:
+        raise RuntimeError(f"{source}={choice!r} cannot run {op} on {device.type} {dtype} tensors: {reason}")
+    return name
+
+
+def _answer(
+    choice: str | None, device: torch.device, dtype: torch.dtype, op: str, max_size: int | None
+) -> tuple[str, str | None]:
+    """``(backend, None)``, or ``(choice, why it cannot serve)`` for an explicit choice that cannot."""
     if choice is not None:
-        reason = _cannot_serve(choice, device, dtype, op, max_size, explicit=True)
-        if reason is not None:
-            raise RuntimeError(
-                f"{source}={choice!r} cannot run {op} on {device.type} {dtype} tensors: {reason}"
-            )
-        return choice
+        return choice, _cannot_serve(choice, device, dtype, op, max_size, explicit=True)
     for name in BACKENDS:
         if _cannot_serve(name, device, dtype, op, max_size, explicit=False) is None:
-            return name
+            return name, None
     raise AssertionError("the reference backend serves every tensor")  # pragma: no cover
 
 
@@ -203,3 +219,4 @@ def backend_status() -> dict[str, BackendStatus]:
 # Decided once, at import: the choice runs on every op call, also while torch.compile traces it.
 _TRITON_PROBLEM, _TRITON_INTERPRETED = _triton_state()
 _UNAVAILABLE = {name: _unavailable(name) for name in BACKENDS}
+_ANSWERS: dict[tuple[str | None, str, torch.dtype, str], tuple[str, str | None]] = {}

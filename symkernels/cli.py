@@ -119,6 +119,14 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default 1: on a machine whose cores are shared, more threads wait for each "
         "other at every operation and a step gets several times slower; try 2+ on idle cores)",
     )
+    runtime.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the step's forward and regularisers (and so their backward) as one torch.compile graph; "
+        'on CUDA with mode="reduce-overhead" (CUDA graphs). Equal to the eager step within float rounding; '
+        "compiling takes up to a minute before the first step. On the CPU the default run's compiled step "
+        "measured slower than the eager one (bench/train_step.py)",
+    )
     runtime.add_argument("--data-dir", metavar="PATH", help="torchvision data folder for mnist/cifar10")
     runtime.add_argument("--download", action="store_true", help="let torchvision download the data")
     runtime.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
@@ -135,6 +143,7 @@ def _runtime(args: argparse.Namespace):
         quiet=args.quiet,
         data_dir=getattr(args, "data_dir", None),
         download=getattr(args, "download", False),
+        compile=getattr(args, "compile", False),
     )
 
 

@@ -33,7 +33,7 @@ def representation_stack(
     fix_identity: bool = True,
     backend: str | None = None,
     backward: str = "unrolled",
-    check_finite: bool = True,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """``[G', d, d]`` logits → ``[G, d, d]`` stack: Sinkhorn of the logits, the identity first if fixed."""
     if isinstance(logits, torch.Tensor) and logits.dim() != 3:
@@ -115,6 +115,6 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 def _convolution_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype ``F.conv2d`` computes in: autocast's where it is on (except float64), else weight's."""
     device = x.device.type
-    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
+    if weight.dtype == torch.float64 or not torch.amp.is_autocast_available(device):  # e.g. meta tensors
+        return weight.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype

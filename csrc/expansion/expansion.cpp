@@ -106,6 +106,12 @@ void check_conv_weight(const char* op, const char* name, const at::Tensor& t, co
 
 }  // namespace
 
+std::vector<int64_t> expanded_kernel_shape(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size,
+                                           bool leading_identity) {
+  const ExpansionShape s = check_inputs("expand_kernel", reps, weight, kernel_size, leading_identity);
+  return {s.out * s.groups, s.in * s.in_group, s.k, s.k};
+}
+
 void expand_forward(const at::Tensor& reps_in, const at::Tensor& weight_in, int64_t kernel_size,
                     bool leading_identity, const at::Tensor& kernel) {
   const char* op = "expand_forward";

@@ -14,8 +14,13 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace symkernels {
+
+// The conv weight's shape [O*G, I*G_in, k, k] for checked inputs (an error naming the argument otherwise).
+std::vector<int64_t> expanded_kernel_shape(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size,
+                                           bool leading_identity);
 
 void expand_forward(const at::Tensor& reps, const at::Tensor& weight, int64_t kernel_size, bool leading_identity,
                     const at::Tensor& kernel);

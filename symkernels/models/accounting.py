@@ -24,13 +24,15 @@ def sum_regularizers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     The stacks come from one grouped computation (or from the one already active, see
     :func:`~symkernels.nn.precompute_representations`).
     """
-    norm = entropy = torch.zeros(())
     with precompute_representations(model):
-        for _, layer in weight_sharing_layers(model):
-            layer_norm, layer_entropy = layer.regularizers()
-            norm = norm.to(layer_norm) + layer_norm
-            entropy = entropy.to(layer_entropy) + layer_entropy
-    return norm, entropy
+        terms = [layer.regularizers() for _, layer in weight_sharing_layers(model)]
+    if not terms:
+        # Zeros where the model computes (no copy to the device inside a training step).
+        parameter = next(model.parameters(), None)
+        zero = torch.zeros(()) if parameter is None else parameter.new_zeros(())
+        return zero, zero
+    norms, entropies = zip(*terms, strict=True)
+    return sum(norms[1:], norms[0]), sum(entropies[1:], entropies[0])
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

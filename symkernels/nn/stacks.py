@@ -14,7 +14,9 @@ class DoublyStochasticStack(nn.Module):
 
     With ``fix_identity`` the first element is the exact identity (a buffer) and only ``group_size − 1``
     logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack. The logits start
-    as ``U[0, 1)`` draws from ``generator`` (the global generator when None).
+    as ``U[0, 1)`` draws from ``generator`` (the global generator when None). ``check_finite=True`` makes
+    every Sinkhorn of the logits raise on NaN/Inf (:func:`symkernels.sinkhorn`'s option: a host sync per
+    call on a GPU); by default non-finite logits give NaN matrices, read nowhere.
     """
 
     # Set while symkernels.nn.precompute_representations is active: the learned matrices, computed with the
@@ -29,7 +31,7 @@ class DoublyStochasticStack(nn.Module):
         tau: float = 1.0,
         fix_identity: bool = True,
         *,
-        check_finite: bool = True,
+        check_finite: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -41,6 +43,9 @@ class DoublyStochasticStack(nn.Module):
         self.check_finite = bool(check_finite)
         learned = group_size - 1 if fix_identity else group_size
         self.logits = nn.Parameter(torch.rand(learned, dim, dim, generator=generator))
+        # An attribute of the instance from the start: torch.compile guards on the instance's attributes, and
+        # one that appeared after the first call would recompile the model.
+        self._precomputed = None
 
     def forward(self) -> torch.Tensor:
         """The whole stack ``[group_size, dim, dim]`` (the identity first when fixed)."""

@@ -18,6 +18,11 @@ backward are deterministic.
 Implementations: ``cpu`` and ``cuda`` (the native library's ``expand_forward``/``expand_backward``),
 ``triton`` (:mod:`symkernels.ops.expansion_triton`); the pure-PyTorch ``reference`` is called directly by
 :func:`expand_kernel`.
+
+Where the calls run: as for :mod:`symkernels.ops.sinkhorn`, the native library registers the CPU, CUDA and
+Autograd kernels in C++ (``csrc/expansion/expansion_op.cpp``) and hands the other calls to
+:func:`_python_forward` / :func:`_python_backward`, which are the kernels themselves without the native
+library.
 """
 
 from __future__ import annotations
@@ -64,55 +69,43 @@ def _new_kernel(
     return torch.empty(shape, dtype=dtype, device=weight.device, memory_format=layout)
 
 
-class _Native:
-    """The native library's kernels; on the CPU, float16 and bfloat16 are computed in float32."""
-
-    @staticmethod
-    def _widen(tensor: torch.Tensor) -> torch.Tensor:
-        low = tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
-        return tensor.float() if low else tensor
-
-    @classmethod
-    def forward(cls, reps, weight, kernel, kernel_size, leading_identity):
-        _native.library().expand_forward(
-            cls._widen(reps), cls._widen(weight), kernel_size, leading_identity, kernel
-        )
-
-    @classmethod
-    def backward(cls, grad, reps, weight, kernel_size, leading_identity):
-        grad_reps, grad_weight = _native.library().expand_backward(
-            cls._widen(grad), cls._widen(reps), cls._widen(weight), kernel_size, leading_identity
-        )
-        return grad_reps.to(reps.dtype), grad_weight.to(weight.dtype)
+_FORWARD = torch.ops.symkernels.expand_kernel.default
+_BACKWARD = torch.ops.symkernels.expand_kernel_backward.default
 
 
-def _kernels(backend: str, tensor: torch.Tensor, op: str):
-    """The implementation that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``tensor``."""
+def _implementation(backend: str, tensor: torch.Tensor, op: str) -> str:
+    """The backend that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``tensor``; raises if none."""
     name = backends.resolve(None if backend == "auto" else backend, tensor.device, tensor.dtype, op)
-    if name == "triton":
-        from symkernels.ops import expansion_triton
-
-        return expansion_triton
     if name == "reference":
         raise RuntimeError(
             f"{op} has no {tensor.device.type} {tensor.dtype} kernel here "
             f"({backends.backend_status()['cpu'].detail}); "
             "symkernels.expand_kernel(..., backend='reference') computes it in pure PyTorch"
         )
-    return _Native
+    return name
 
 
-@torch.library.impl("symkernels::expand_kernel", ("cpu", "cuda"))
-def _forward(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend):
+def _python_forward(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend):
+    """``symkernels::expand_kernel`` where the native kernels do not run it: Triton, an automatic choice
+    (resolved here, then run by name), a choice that cannot serve (its error)."""
+    name = _implementation(backend, weight, "expand_kernel")
+    if name != "triton":
+        return _FORWARD(reps, weight, kernel_size, leading_identity, channels_last, dtype, name)
+    from symkernels.ops import expansion_triton
+
     kernel = _new_kernel(reps, weight, kernel_size, leading_identity, channels_last, dtype)
-    _kernels(backend, weight, "expand_kernel").forward(reps, weight, kernel, kernel_size, leading_identity)
+    expansion_triton.forward(reps, weight, kernel, kernel_size, leading_identity)
     return kernel
 
 
-@torch.library.impl("symkernels::expand_kernel_backward", ("cpu", "cuda"))
-def _backward_impl(grad, reps, weight, kernel_size, leading_identity, backend):
-    kernels = _kernels(backend, weight, "expand_kernel_backward")
-    return kernels.backward(grad, reps, weight, kernel_size, leading_identity)
+def _python_backward(grad, reps, weight, kernel_size, leading_identity, backend):
+    """``symkernels::expand_kernel_backward`` where the native kernels do not run it."""
+    name = _implementation(backend, weight, "expand_kernel_backward")
+    if name != "triton":
+        return _BACKWARD(grad, reps, weight, kernel_size, leading_identity, name)
+    from symkernels.ops import expansion_triton
+
+    return expansion_triton.backward(grad, reps, weight, kernel_size, leading_identity)
 
 
 @torch.library.register_fake("symkernels::expand_kernel")
@@ -122,7 +115,11 @@ def _(reps, weight, kernel_size, leading_identity, channels_last, dtype, backend
 
 @torch.library.register_fake("symkernels::expand_kernel_backward")
 def _(grad, reps, weight, kernel_size, leading_identity, backend):
-    return torch.empty_like(reps), torch.empty_like(weight)
+    # Every implementation returns contiguous gradients, whatever reps' and weight's strides.
+    contiguous = torch.contiguous_format
+    return torch.empty_like(reps, memory_format=contiguous), torch.empty_like(
+        weight, memory_format=contiguous
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -133,13 +130,28 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _autograd(ctx, grad_kernel):
     reps, weight = ctx.saved_tensors
-    grad_reps, grad_weight = torch.ops.symkernels.expand_kernel_backward(
+    grad_reps, grad_weight = _BACKWARD(
         grad_kernel, reps, weight, ctx.kernel_size, ctx.leading_identity, ctx.backend
     )
     return grad_reps, grad_weight, None, None, None, None, None
 
 
-torch.library.register_autograd("symkernels::expand_kernel", _autograd, setup_context=_setup_context)
+def _register_python_kernels() -> None:
+    """Give the native kernels their Python implementation, or, without the native library, make it the op's
+    CPU and CUDA kernels and register the autograd formula here."""
+    library = _native.library()
+    if library is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "symkernels::expand_kernel", "CPU"
+    ):
+        library.set_python_kernel("expand_kernel", _python_forward)
+        library.set_python_kernel("expand_kernel_backward", _python_backward)
+        return
+    torch.library.impl("symkernels::expand_kernel", ("cpu", "cuda"))(_python_forward)
+    torch.library.impl("symkernels::expand_kernel_backward", ("cpu", "cuda"))(_python_backward)
+    torch.library.register_autograd("symkernels::expand_kernel", _autograd, setup_context=_setup_context)
+
+
+_register_python_kernels()
 
 
 def expand_kernel(
@@ -168,6 +180,4 @@ def expand_kernel(
         stack = prepend_identity(reps) if leading_identity else reps
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return expand_kernel_reference(stack, weight, kernel_size).to(dtype, memory_format=layout)
-    return torch.ops.symkernels.expand_kernel(
-        reps, weight, kernel_size, leading_identity, channels_last, dtype, name
-    )
+    return _FORWARD(reps, weight, kernel_size, leading_identity, channels_last, dtype, name)

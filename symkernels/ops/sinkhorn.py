@@ -21,6 +21,12 @@ GPU kernels read one packed buffer.
 Implementations: ``cpu`` and ``cuda`` (the native library's ``sinkhorn_forward``/``sinkhorn_backward``),
 ``triton`` (:mod:`symkernels.ops.sinkhorn_triton`); ``backend`` names one of them (``"auto"``: chosen by
 :func:`symkernels.backends.resolve`). The pure-PyTorch ``reference`` is called directly by :func:`sinkhorn`.
+
+Where the calls run: the native library registers the ops' CPU, CUDA and Autograd kernels in C++
+(``csrc/sinkhorn/sinkhorn_op.cpp``), so that a call of the native kernels never enters Python between the
+caller and the kernel, forward or backward; they hand every other call (``"triton"``, ``"auto"``, a choice
+that cannot serve the tensors) to :func:`_python_forward` / :func:`_python_backward`. Without the native
+library these two are the CPU and CUDA kernels, and the autograd formula is registered from here.
 """
 
 from __future__ import annotations
@@ -59,37 +65,8 @@ torch.library.define(
 )
 
 
-class _Native:
-    """The native library's kernels; on the CPU, float16 and bfloat16 are computed in float32."""
-
-    @staticmethod
-    def _widen(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        low = (
-            tensors
-            and tensors[0].device.type == "cpu"
-            and tensors[0].dtype in (torch.float16, torch.bfloat16)
-        )
-        return [t.float() for t in tensors] if low else tensors
-
-    @staticmethod
-    def _narrow(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not tensors or tensors[0].dtype == like[0].dtype:
-            return tensors
-        return [t.to(x.dtype) for t, x in zip(tensors, like, strict=True)]
-
-    @classmethod
-    def forward(cls, stacks, n_iter, tau, tol, stop, caps):
-        p, cols, domain, iterations = _native.library().sinkhorn_forward(
-            cls._widen(stacks), n_iter, tau, tol, stop == "stack", caps
-        )
-        return cls._narrow(p, stacks), cols, domain, iterations
-
-    @classmethod
-    def backward(cls, grad_p, stacks, cols, domain, iterations, tau):
-        grads = _native.library().sinkhorn_backward(
-            cls._widen(grad_p), cls._widen(stacks), cols, domain, iterations, tau
-        )
-        return cls._narrow(grads, stacks)
+_FORWARD = torch.ops.symkernels.sinkhorn.default
+_BACKWARD = torch.ops.symkernels.sinkhorn_backward.default
 
 
 class _Triton:
@@ -137,34 +114,36 @@ def _unpacked(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
     return pieces if len(pieces) == 1 else [piece.clone() for piece in pieces]
 
 
-def _kernels(backend: str, stacks: list[torch.Tensor], op: str):
-    """The implementation that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``stacks``."""
-    if not stacks:
-        return _Native
+def _implementation(backend: str, stacks: list[torch.Tensor], op: str) -> str:
+    """The backend that runs ``op`` for ``backend`` (a name, or ``"auto"``) on ``stacks``; raises if none."""
     first = stacks[0]
     name = backends.resolve(None if backend == "auto" else backend, first.device, first.dtype, op)
-    if name == "triton":
-        return _Triton
     if name == "reference":
         raise RuntimeError(
             f"{op} has no {first.device.type} {first.dtype} kernel here "
             f"({backends.backend_status()['cpu'].detail}); symkernels.sinkhorn(..., backend='reference') "
             "computes it in pure PyTorch"
         )
-    return _Native
+    return name
 
 
-@torch.library.impl("symkernels::sinkhorn", ("cpu", "cuda"))
-def _forward(stacks, n_iter, tau, tol, stop, caps, backend):
+def _python_forward(stacks, n_iter, tau, tol, stop, caps, backend):
+    """``symkernels::sinkhorn`` where the native kernels do not run it: Triton, an automatic choice (resolved
+    here, then run by name), a choice that cannot serve (its error)."""
     if stop not in STOP_RULES:
         raise ValueError(f"symkernels::sinkhorn: stop must be one of {STOP_RULES}, got {stop!r}")
-    return _kernels(backend, stacks, "sinkhorn").forward(stacks, n_iter, tau, tol, stop, caps)
+    name = _implementation(backend, stacks, "sinkhorn")
+    if name == "triton":
+        return _Triton.forward(stacks, n_iter, tau, tol, stop, caps)
+    return _FORWARD(stacks, n_iter, tau, tol, stop, caps, name)
 
 
-@torch.library.impl("symkernels::sinkhorn_backward", ("cpu", "cuda"))
-def _backward_impl(grad_p, stacks, cols, domain, iterations, tau, backend):
-    kernels = _kernels(backend, stacks, "sinkhorn_backward")
-    return kernels.backward(grad_p, stacks, cols, domain, iterations, tau)
+def _python_backward(grad_p, stacks, cols, domain, iterations, tau, backend):
+    """``symkernels::sinkhorn_backward`` where the native kernels do not run it (see the forward)."""
+    name = _implementation(backend, stacks, "sinkhorn_backward")
+    if name == "triton":
+        return _Triton.backward(grad_p, stacks, cols, domain, iterations, tau)
+    return _BACKWARD(grad_p, stacks, cols, domain, iterations, tau, name)
 
 
 @torch.library.register_fake("symkernels::sinkhorn")
@@ -174,12 +153,17 @@ def _(stacks, n_iter, tau, tol, stop, caps, backend):
     options = {"device": stacks[0].device} if stacks else {}
     flags = torch.empty((matrices,), dtype=torch.int32, **options)
     cols = torch.empty((matrices, n_iter, max_n), dtype=torch.float64, **options)
-    return [torch.empty_like(s) for s in stacks], cols, flags, torch.empty_like(flags)
+    # Every implementation returns contiguous results, whatever the stacks' strides.
+    return [_contiguous_like(s) for s in stacks], cols, flags, torch.empty_like(flags)
 
 
 @torch.library.register_fake("symkernels::sinkhorn_backward")
 def _(grad_p, stacks, cols, domain, iterations, tau, backend):
-    return [torch.empty_like(s) for s in stacks]
+    return [_contiguous_like(s) for s in stacks]
+
+
+def _contiguous_like(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -194,13 +178,24 @@ def _autograd(ctx, grad_p, grad_cols, grad_domain, grad_iterations):
     *stacks, cols, domain, iterations = ctx.saved_tensors
     # A stack whose P took no part in the loss has no gradient coming in.
     grad_p = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_p, stacks, strict=True)]
-    grads = torch.ops.symkernels.sinkhorn_backward(
-        grad_p, stacks, cols, domain, iterations, ctx.tau, ctx.backend
-    )
+    grads = _BACKWARD(grad_p, stacks, cols, domain, iterations, ctx.tau, ctx.backend)
     return grads, None, None, None, None, None, None
 
 
-torch.library.register_autograd("symkernels::sinkhorn", _autograd, setup_context=_setup_context)
+def _register_python_kernels() -> None:
+    """Give the native kernels their Python implementation, or, without the native library, make it the op's
+    CPU and CUDA kernels and register the autograd formula here."""
+    library = _native.library()
+    if library is not None and torch._C._dispatch_has_kernel_for_dispatch_key("symkernels::sinkhorn", "CPU"):
+        library.set_python_kernel("sinkhorn", _python_forward)
+        library.set_python_kernel("sinkhorn_backward", _python_backward)
+        return
+    torch.library.impl("symkernels::sinkhorn", ("cpu", "cuda"))(_python_forward)
+    torch.library.impl("symkernels::sinkhorn_backward", ("cpu", "cuda"))(_python_backward)
+    torch.library.register_autograd("symkernels::sinkhorn", _autograd, setup_context=_setup_context)
+
+
+_register_python_kernels()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -275,7 +270,7 @@ def _stack_caps(iterations: torch.Tensor, counts: Sequence[int]) -> torch.Tensor
 def _run_op(
     stacks: list[torch.Tensor], n_iter: int, tau: float, tol: float, stop: str, backend: str
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    p, _, _, iterations = torch.ops.symkernels.sinkhorn(stacks, n_iter, tau, tol, stop, None, backend)
+    p, _, _, iterations = _FORWARD(stacks, n_iter, tau, tol, stop, None, backend)
     return p, iterations
 
 
@@ -304,7 +299,7 @@ def sinkhorn(
     stop: str = "matrix",
     backend: str | None = None,
     backward: str = "unrolled",
-    check_finite: bool = True,
+    check_finite: bool = False,
     return_iterations: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Doubly stochastic matrices from ``[..., n, n]`` logits (log domain, rows then columns per iteration).
@@ -319,20 +314,25 @@ def sinkhorn(
 
     ``backward="unrolled"`` (default) is the exact gradient of the iterations that ran, equal to autograd
     through the loop; ``"implicit"`` differentiates the fixed point (the converged map), equal to it only once
-    the forward has converged. ``check_finite=False`` skips the NaN/Inf test, which reads a flag from the
-    device (a host sync) on every call; the output is then NaN for matrices whose logits are not finite.
+    the forward has converged.
+
+    A call reads nothing back from the device: a matrix whose logits hold NaN or Inf comes out NaN (the other
+    matrices of the call are unaffected). ``check_finite=True`` raises
+    :class:`~symkernels._checks.NonFiniteInputError` (a ``ValueError``) instead, at the cost of reading one
+    flag from the device on every call: a host synchronisation on a GPU.
     """
     logits = check_tensor(logits, "logits")
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
     check_square_stack(logits, "logits")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"logits must have n >= 1, got shape {tuple(logits.shape)}")
+    shape = logits.shape
+    n = shape[-1]
+    if n < 1:
+        raise ValueError(f"logits must have n >= 1, got shape {tuple(shape)}")
     tau, tol = _check_options(n_iter, tau, tol, stop, backward)
     if check_finite:
         _check_finite(logits, "logits")
-    name = backends.resolve(backend, logits.device, logits.dtype, "sinkhorn", logits.shape[-1])
-    batch_shape, n = logits.shape[:-2], logits.shape[-1]
+    name = backends.resolve(backend, logits.device, logits.dtype, "sinkhorn", n)
     source = logits.detach() if backward == "implicit" else logits
     if name == "reference":
         with torch.set_grad_enabled(torch.is_grad_enabled() and backward == "unrolled"):
@@ -340,9 +340,13 @@ def sinkhorn(
                 source, n_iter, tau, tol=tol, stop=stop, return_iterations=True
             )
     else:
-        # One op call is one stack: stop="stack" treats the whole batch as one.
-        stacks, iterations = _run_op([source.reshape(-1, n, n)], n_iter, tau, tol, stop, name)
-        p, iterations = stacks[0].view(logits.shape), iterations.view(batch_shape)
+        # One op call is one stack: stop="stack" treats the whole batch as one. A [G, n, n] stack goes as it
+        # is (each view is an autograd node, forward and backward).
+        stack = source if len(shape) == 3 else source.reshape(-1, n, n)
+        stacks, iterations = _run_op([stack], n_iter, tau, tol, stop, name)
+        p = stacks[0] if len(shape) == 3 else stacks[0].view(shape)
+        if return_iterations:
+            iterations = iterations.view(shape[:-2])
     if backward == "implicit":
         p = _ImplicitGradient.apply(logits, p, tau)
     return (p, iterations) if return_iterations else p
@@ -356,13 +360,14 @@ def grouped_sinkhorn(
     tol: float | None = None,
     stop: str = "matrix",
     backend: str | None = None,
-    check_finite: bool = True,
+    check_finite: bool = False,
     return_iterations: bool = False,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """:func:`sinkhorn` of every ``[G_l, n_l, n_l]`` stack of ``stacks`` (sizes may differ) in one op call.
 
     ``stop="stack"`` applies per stack. Gradients are the exact unrolled ones. With ``return_iterations``,
-    also the list of iterations (int32 ``[G_l]``) per stack.
+    also the list of iterations (int32 ``[G_l]``) per stack. ``check_finite`` as in :func:`sinkhorn` (one
+    flag read for all the stacks).
     """
     checked = check_stack_list(stacks)
     tau, tol = _check_options(n_iter, tau, tol, stop, "unrolled")

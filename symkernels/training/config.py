@@ -220,10 +220,13 @@ class RuntimeOptions:
     quiet: bool = False  # no progress bar or epoch lines
     data_dir: str | None = None  # torchvision root for mnist/cifar10
     download: bool = False  # let torchvision download missing files
+    compile: bool = False  # forward + regularisers (and their backward) under torch.compile
 
     def __post_init__(self) -> None:
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1)
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(
                 f"device must be a non-empty string such as 'auto', 'cpu' or 'cuda', got {self.device!r}"

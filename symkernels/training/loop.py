@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from symkernels import backends
-from symkernels._checks import NonFiniteInputError
 from symkernels.models import parameter_counts
 from symkernels.training import distributed, report
 from symkernels.training.checkpoint import (
@@ -36,7 +35,7 @@ from symkernels.training.checkpoint import (
 from symkernels.training.config import RuntimeOptions, TrainConfig, torch_threads
 from symkernels.training.datasets import TrainData, prepare_data
 from symkernels.training.distributed import DistEnv
-from symkernels.training.divergence import TrainingDivergedError, stop_if_diverged
+from symkernels.training.divergence import stop_if_diverged
 from symkernels.training.factory import build_model, build_optimizer
 from symkernels.training.interrupt import StopRequest, TrainingInterruptedError
 from symkernels.training.rng import (
@@ -47,10 +46,15 @@ from symkernels.training.rng import (
     set_global_state,
 )
 from symkernels.training.runs import RunPlan, default_run_dir, plan_new_or_matching, plan_resume
-from symkernels.training.steps import evaluate, torch_device, training_step
+from symkernels.training.steps import TrainingStep, evaluate, torch_device
 
 # Per-epoch metrics that measure the machine, not the run: left out when comparing runs.
 TIMING_KEYS = ("seconds_per_step", "epoch_seconds")
+
+# A step reads nothing back from the device. The progress bar's loss and accuracy are read every this many
+# steps (a read waits for the device to finish the steps queued before it), as is, under torchrun, whether a
+# process was asked to stop (a collective).
+READ_EVERY = 20
 
 LONG_EXPERIMENT_HINT = (
     "The authors' 32-channel run on 60,000 digits put >= 0.8 of two lifting elements on rotations after ~47k "
@@ -157,6 +161,7 @@ class _Trainer:
         if env.distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.step = TrainingStep(self.model, self.optimizer, config, net=self.net, compile=runtime.compile)
         # Every op of a step (the grouped Sinkhorn, the expansions) runs on this one backend.
         self.backend = backends.resolve(runtime.backend, device, config.torch_dtype, "the ops")
         self.bases = report.layer_bases(self.model, flip=config.flip)  # exact group of each layer's stack
@@ -189,33 +194,38 @@ class _Trainer:
                 index, params = index[self.shard], params.select(self.shard)
                 x = data.training_batch(index, params).to(device, config.torch_dtype)
                 y = data.train_labels[index].to(device)
-                try:
-                    loss, logits, norm, entropy = training_step(
-                        self.model, self.optimizer, x, y, config, net=self.net
-                    )
-                except NonFiniteInputError as error:  # the last step left NaN or Inf in the logits Θ
-                    raise TrainingDivergedError(
-                        self.paths.root, epoch, "the representation logits", _divergence_advice(config)
-                    ) from error
+                # Non-finite values are not looked for here: they reach the loss, read once per epoch.
+                loss, logits, norm, entropy = self.step(x, y)
                 with torch.no_grad():
                     correct = (logits.argmax(dim=1) == y).sum()
-                    # Models without weight-sharing layers return CPU zeros for the regularisers.
                     values = (loss * len(y), correct, norm, entropy)
-                    sums += torch.stack([v.to(device, torch.float64) for v in values])
+                    sums += torch.stack([v.to(torch.float64) for v in values])
                 seen += len(y)
+                read = (step + 1) % READ_EVERY == 0 or step + 1 == self.steps
                 if show:
-                    # One host sync for both numbers (float64 holds the float32 loss and the count exactly).
-                    shown_loss, shown_correct = torch.stack(
-                        [loss.detach().double(), correct.double()]
-                    ).tolist()
-                    bar.set_postfix(loss=f"{shown_loss:.3f}", acc=f"{shown_correct / len(y):.3f}")
                     bar.update()
-                if distributed.any_across(stop.requested, self.env, device):
+                    if read:
+                        # One read for both numbers (float64 holds the float32 loss and the count exactly).
+                        shown_loss, shown_correct = torch.stack([loss.double(), correct.double()]).tolist()
+                        bar.set_postfix(loss=f"{shown_loss:.3f}", acc=f"{shown_correct / len(y):.3f}")
+                # Across processes, asking is a collective that reads back: every READ_EVERY steps.
+                if (read or not self.env.distributed) and distributed.any_across(
+                    stop.requested, self.env, device
+                ):
                     raise self._interrupted(stop)
         seconds = time.perf_counter() - start
         loss_sum, correct_sum, norm_sum, entropy_sum = sums.tolist()
         loss_sum, correct_sum, count = distributed.sum_across(
             [loss_sum, correct_sum, float(seen)], self.env, device
+        )
+        # Before anything reads the model: a non-finite loss (summed over the ranks, so every rank stops
+        # alike) means the parameters are no longer finite either.
+        stop_if_diverged(
+            loss_sum / count,
+            run_dir=self.paths.root,
+            epoch=epoch,
+            what="the training loss",
+            advice=_divergence_advice(config),
         )
         test_loss, test_accuracy = evaluate(
             self.model, data.test_images, data.test_labels, device=device, env=self.env
@@ -233,6 +243,7 @@ class _Trainer:
             # How this epoch ran: a resumed run may use another backend or thread count than its first epochs.
             "backend": self.backend,
             "threads": torch.get_num_threads(),
+            "compiled": self.step.compiled,
             "seconds_per_step": seconds / self.steps,
             "epoch_seconds": seconds,
             # Every layer's stack decomposed onto its exact group (rows: stack elements, identity included).
@@ -353,14 +364,7 @@ def _run(
         while trainer.epoch < config.epochs:
             if distributed.any_across(stop.requested, env, device):
                 raise trainer._interrupted(stop)
-            record = trainer.train_epoch(stop)
-            stop_if_diverged(
-                record["train_loss"],  # summed over the ranks: every rank stops alike
-                run_dir=plan.paths.root,
-                epoch=record["epoch"],
-                what="the training loss",
-                advice=_divergence_advice(config),
-            )
+            record = trainer.train_epoch(stop)  # raises TrainingDivergedError first if the loss diverged
             trainer.history.append(record)
             trainer.epoch = record["epoch"]
             written = trainer.save()
@@ -391,7 +395,8 @@ def _banner(trainer: _Trainer) -> str:
         f"{action} in {trainer.paths.root}: {c.model} on {c.dataset} "
         f"({len(trainer.data.train_labels)} train, {len(trainer.data.test_labels)} test images, "
         f"rotate={c.rotate}), {c.epochs} epochs of {trainer.steps} steps, backend {trainer.backend}, "
-        f"{trainer.device}, {trainer.env.world_size} process(es)"
+        f"{trainer.device}{', compiled' if trainer.step.compiled else ''}, "
+        f"{trainer.env.world_size} process(es)"
     )
 
 

@@ -48,3 +48,14 @@ def test_cases_cover_the_models_and_cap_the_slow_cpu_step():
     cifar = [c for c in cases.values() if c.workload == "cifar-wsresnet"]
     assert {c.provider for c in cifar} == {"ws-cpu", "plain-cnn"}
     assert all(c.rounds == train_step.CPU_CIFAR_ROUNDS and c.after is None for c in cifar)
+
+
+def test_the_default_run_is_timed_eager_and_compiled():
+    cases = {case.id for case in train_step.cases("cpu")}
+    assert {
+        "train-step/ws-auto/train-step/default-run",
+        "train-step/ws-auto-compiled/train-step/default-run",
+    } <= (cases)
+    eager = train_step.make_closure("ws-auto", train_step.DEFAULT_RUN, "cpu")()
+    compiled = train_step.make_closure("ws-auto-compiled", train_step.DEFAULT_RUN, "cpu")()
+    assert (eager.step.compiled, compiled.step.compiled) == (False, True)  # (compiled on its first call)

@@ -47,18 +47,22 @@ def test_bad_iteration_arguments(kwargs, error, match):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_logits_raise_unless_opted_out(bad):
+def test_non_finite_logits_are_read_only_when_checked(bad):
+    """By default nothing is read back: the poisoned matrix comes out as it may, the others exactly as alone;
+    check_finite=True raises, naming the argument."""
     logits = torch.rand(2, 4, 4)
     logits[1, 2, 3] = bad
-    with pytest.raises(ValueError, match="logits contains NaN or Inf; pass check_finite=False"):
-        symkernels.sinkhorn(logits)
-    out = symkernels.sinkhorn(logits, check_finite=False)  # the documented opt-out: no check, no sync
+    out = symkernels.sinkhorn(logits)
     assert out.shape == logits.shape
-    assert torch.isfinite(out[0]).all()  # other matrices of the batch are unaffected
+    assert torch.equal(out[0], symkernels.sinkhorn(logits[:1])[0])  # other matrices are unaffected
+    with pytest.raises(ValueError, match=r"logits contains NaN or Inf \(check_finite=True\)"):
+        symkernels.sinkhorn(logits, check_finite=True)
+    with pytest.raises(ValueError, match=r"stacks\[1\] contains NaN or Inf"):
+        symkernels.grouped_sinkhorn([logits[:1], logits[1:]], check_finite=True)
 
 
-def test_stack_module_opt_out_of_finite_check():
-    checked, unchecked = DoublyStochasticStack(3, 4), DoublyStochasticStack(3, 4, check_finite=False)
+def test_stack_module_checks_finite_logits_on_request():
+    unchecked, checked = DoublyStochasticStack(3, 4), DoublyStochasticStack(3, 4, check_finite=True)
     with torch.no_grad():
         checked.logits[0, 0, 0] = math.nan
         unchecked.logits[0, 0, 0] = math.nan

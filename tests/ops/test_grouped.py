@@ -153,6 +153,9 @@ def test_contexts_nest_and_restore_on_errors():
         raise RuntimeError("boom")
     assert model.lift.reps._precomputed is None
     model.lift.reps.logits.data[0, 0, 0] = float("nan")
+    with precompute_representations(model) as stacks:  # by default nothing is read back: NaN flows on
+        assert torch.isnan(stacks["lift.reps"]).any()
+    model.lift.reps.check_finite = True
     with pytest.raises(ValueError, match="contains NaN"), precompute_representations(model):
         pass
     assert all(m._precomputed is None for m in model.modules() if isinstance(m, DoublyStochasticStack))

@@ -144,8 +144,7 @@ def poisoned_outputs(implementation, monkeypatch):
     return poison_cache
 
 
-# Cases the property tests found (tests/ops/test_properties.py, long profile), float32 logits,
-# grad_p = linspace.
+# Cases the property tests found (tests/ops/test_properties.py, long profile): float32, grad_p linspace.
 # "saturated": one iteration at tau ≈ 2.4e-3; the true gradient of row 1 is ±1.6e-14, about 1e-17 of
 # |grad_p| / tau, and one float64 ulp of P[1, 0] (≈ 1) moves it by about that much (the float64 autograd truth
 # gets P[1, 0] exactly 1 and one of those entries exactly 0). "cancelling": two iterations of near-uniform
@@ -346,7 +345,11 @@ def test_cpu_computes_low_precision_in_float32(dtype):
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), tol=float("nan")), ValueError, "tol must be None or"),
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), stop="all"), ValueError, "stop must be one of"),
         (lambda: symkernels.sinkhorn(torch.rand(3, 3), backward="exact"), ValueError, "backward must be"),
-        (lambda: symkernels.sinkhorn(torch.full((3, 3), float("nan"))), ValueError, "logits contains NaN"),
+        (
+            lambda: symkernels.sinkhorn(torch.full((3, 3), float("nan")), check_finite=True),
+            ValueError,
+            "logits contains NaN",
+        ),
         (lambda: symkernels.grouped_sinkhorn(torch.rand(2, 3, 3)), TypeError, "sequence of"),
         (lambda: symkernels.grouped_sinkhorn([torch.rand(3, 3)]), ValueError, r"stacks\[0\] must have shape"),
         (lambda: symkernels.grouped_sinkhorn([torch.rand(1, 0, 0)]), ValueError, r"stacks\[0\] must have n"),
