@@ -81,7 +81,9 @@ def parse(argv: Sequence[str] | None, ops: Sequence[str] | None) -> argparse.Nam
     parser.add_argument("--rounds", type=int, default=None, help="samples per provider")
     parser.add_argument("--busy", type=int, default=0, help="competing busy processes during the timing")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite the report and plots")
-    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's benchmark section")
+    parser.add_argument(
+        "--readme", action="store_true", help="also rewrite the generated section of docs/benchmarks.md"
+    )
     parser.add_argument("--list", action="store_true", help="print the case ids and exit")
     return parser.parse_args(argv)
 

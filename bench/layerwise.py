@@ -80,9 +80,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="groups")
-    parser.add_argument(
-        "--width", type=int, default=2, help="α (2: the layer-wise experiments of the README)"
-    )
+    parser.add_argument("--width", type=int, default=2, help="α (2: the experiments of docs/layerwise.md)")
     parser.add_argument("--task", default="rotated")
     parser.add_argument("--source", default="mnist5k")
     parser.add_argument("--images", type=int, default=1000)

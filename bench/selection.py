@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,21 @@ class Setup:
 
     @property
     def slug(self) -> str:
-        return f"{self.device}-{self.threads}t" + (f"-busy{self.busy}" if self.busy else "")
+        """A file-name part, distinct for two machines of the same device type and thread count."""
+        return f"{self.device}-{machine_slug(self.device_name)}-{self.threads}t" + (
+            f"-busy{self.busy}" if self.busy else ""
+        )
 
     def title(self) -> str:
         extra = f", {self.busy} competing busy process(es)" if self.busy else ""
         return f"{self.device_name}, {self.threads} thread(s){extra}"
+
+
+def machine_slug(device_name: str) -> str:
+    """``Intel(R) Xeon(R) Processor (2 logical cores)`` → ``intel-xeon``, ``NVIDIA H100 80GB HBM3`` →
+    ``nvidia-h100-80gb-hbm3``: the name without parentheses and the words "processor" and "cpu"."""
+    words = re.findall(r"[a-z0-9]+", re.sub(r"\([^)]*\)", " ", device_name).lower())
+    return "-".join([w for w in words if w not in ("processor", "cpu")] or words) or "unknown"
 
 
 def setup_of(row: dict[str, Any], runs: dict[str, dict[str, Any]]) -> Setup:

@@ -24,8 +24,8 @@ ROOT="$(pwd)"
 
 torch_spec="${GPU_STACK_TORCH_SPEC:-torch==2.11.*}"
 triton_spec="${GPU_STACK_TRITON_SPEC:-triton==3.6.*}"
-# Triton 3.6's interpreter cannot run loops with run-time bounds under numpy 2.4 (see
-# symkernels/ops/triton_registration.py); the GPU machines' compiled kernels are not affected.
+# Triton 3.6's interpreter cannot run loops with run-time bounds under numpy 2.4 (see problem() in
+# symkernels/ops/triton_support.py); the GPU machines' compiled kernels are not affected.
 numpy_spec="numpy<2.4"
 tools=(setuptools wheel ninja pybind11 pytest hypothesis)
 

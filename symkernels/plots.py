@@ -1,5 +1,5 @@
 """Figures of learned representation stacks: heatmaps next to the nearest exact group elements, and the
-decomposition coefficients (method.md §10).
+decomposition coefficients (docs/design.md §10).
 
 Matplotlib is imported inside the functions (``import symkernels`` never loads it) and drawn with the Agg
 canvas directly, so the pyplot backend of the caller is left alone. Files are written atomically: a

@@ -1,4 +1,5 @@
-"""Toy symmetry discovery (method.md §10): one weight-sharing layer learns a group from transformed copies.
+"""Toy symmetry discovery (docs/design.md §10): one weight-sharing layer learns a group from transformed
+copies.
 
 **Data.** ``channels`` random canonical signals ``x̂_c`` (standard normal, so almost surely all entries
 differ and no group element fixes a signal) are stacked into one multi-channel sample. Each target group

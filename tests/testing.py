@@ -78,7 +78,7 @@ class Implementation:
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The precision the kernels compute ``dtype`` inputs in: float64 on the native CPU, else float32 at
-        least (README, Numerics)."""
+        least (docs/ops.md, Numerics)."""
         if dtype == torch.float64 or self.name == "cpu":
             return torch.float64
         return torch.float32

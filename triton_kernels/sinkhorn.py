@@ -10,7 +10,7 @@ the matrices of a call). Two layouts of the work:
   registers: ``K`` is written once to a scratch copy (laid out as the logits), and every pass streams it in
   chunks of ``BR`` rows (from L1/L2: 150 KB for n = 196); row quantities are recomputed chunk by chunk.
 
-Iterations (method.md §2, rows then columns): ``c_0 = 1``, ``r_t = 1 / (K c_{t-1})``,
+Iterations (docs/design.md §2, rows then columns): ``c_0 = 1``, ``r_t = 1 / (K c_{t-1})``,
 ``c_t = 1 / (Kᵀ r_t)``, ``P_t = diag(r_t) K diag(c_t)`` with ``K = exp(L0 - rowmax)``, in float32 whatever the
 input dtype. A matrix whose logits spread more than ``max_spread`` within a row, with a non-finite logit, or
 whose scalings leave ``[scale_lo, scale_hi]`` is iterated in the log domain instead (see
@@ -28,9 +28,10 @@ The forward saves the column scalings of every iteration, ``cols [M, n_iter, vec
 the backward recomputes ``r_t = 1 / (K c_{t-1})`` from them in the same pass over ``K`` that needs it, which
 halves what is saved and costs one matrix-vector product per step (the backward's cost is O(T n²) either way).
 
-Backward (kernels.md §3, written as the adjoint of the log-domain steps, which is the same VJP), ``T = T_m``
-per matrix: with ``A_t = entries(r_t, c_{t-1})`` (after row step t) and ``B_t = entries(r_t, c_t)`` (after
-column step t), ``ḡ_T = colsum(Ḡ ⊙ P)``, ``f̄_T = rowsum(P ⊙ (Ḡ - 1ḡ_Tᵀ))``, then for ``t = T..2``:
+Backward (docs/design.md §13, written as the adjoint of the log-domain steps, which is the same VJP),
+``T = T_m`` per matrix: with ``A_t = entries(r_t, c_{t-1})`` (after row step t) and
+``B_t = entries(r_t, c_t)`` (after column step t), ``ḡ_T = colsum(Ḡ ⊙ P)``,
+``f̄_T = rowsum(P ⊙ (Ḡ - 1ḡ_Tᵀ))``, then for ``t = T..2``:
 ``ḡ_{t-1} = -A_tᵀ f̄_t``, ``f̄_{t-1} = -B_{t-1} ḡ_{t-1}``, and
 ``M' = P ⊙ (Ḡ - 1ḡ_Tᵀ) - Σ_{t<T} B_t ⊙ 1ḡ_tᵀ - Σ_{t≥2} A_t ⊙ f̄_t 1ᵀ``,
 ``Θ̄ = (M' - A_1 ⊙ rowsum(M') 1ᵀ) / tau``. The first and last steps are formed entry by entry (the last with

@@ -11,8 +11,8 @@ tiles tall.
 
 Rows are re-read from global memory at every launch, so the log domain costs about what the scaling domain
 would and needs no fallback: these kernels always iterate in the log domain (``domain`` is 1). The saved
-``cols``, the early exit and the backward (kernels.md §3) are those of :mod:`.sinkhorn`; the launch shape is
-fixed, ``n_iter + 1`` launches each way whatever the matrices do:
+``cols``, the early exit and the backward (docs/design.md §13) are those of :mod:`.sinkhorn`; the launch
+shape is fixed, ``n_iter + 1`` launches each way whatever the matrices do:
 
 * forward launch ``s`` merges ``g_s``; a running matrix then takes the row step ``f_{s+1}`` and, with
   ``TEST``, each slab reports whether its rows of ``P_s`` passed (row sums ``exp(f_s - f_{s+1})``, with

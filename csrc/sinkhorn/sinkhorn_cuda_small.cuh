@@ -222,10 +222,11 @@ __global__ void __launch_bounds__(kSmallThreads) small_forward_kernel(const Forw
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward: the adjoint M of the iterate (kernels.md §3, written as in the Triton kernels), the lane's row in
-// registers: M = P ⊙ (Ḡ - 1ḡ_Tᵀ), f̄_T = rowsum(M); for t = T..2: M -= A_t ⊙ f̄_t 1ᵀ, ḡ_{t-1} = -colsum(A_t ⊙ f̄_t 1ᵀ),
-// M -= B_{t-1} ⊙ 1ḡ_{t-1}ᵀ, f̄_{t-1} = -rowsum(B_{t-1} ⊙ 1ḡ_{t-1}ᵀ); finally Θ̄ = (M - A_1 ⊙ rowsum(M) 1ᵀ) / tau, with
-// A_t = entries(r_t, c_{t-1}), B_t = entries(r_t, c_t) and r_t recomputed from the saved c_{t-1}.
+// Backward: the adjoint M of the iterate (docs/design.md §13, written as in the Triton kernels), the lane's
+// row in registers: M = P ⊙ (Ḡ - 1ḡ_Tᵀ), f̄_T = rowsum(M); for t = T..2: M -= A_t ⊙ f̄_t 1ᵀ,
+// ḡ_{t-1} = -colsum(A_t ⊙ f̄_t 1ᵀ), M -= B_{t-1} ⊙ 1ḡ_{t-1}ᵀ, f̄_{t-1} = -rowsum(B_{t-1} ⊙ 1ḡ_{t-1}ᵀ);
+// finally Θ̄ = (M - A_1 ⊙ rowsum(M) 1ᵀ) / tau, with A_t = entries(r_t, c_{t-1}), B_t = entries(r_t, c_t) and
+// r_t recomputed from the saved c_{t-1}.
 
 template <bool LOG>
 using SmallScaling = std::conditional_t<LOG, double, float>;

@@ -1,4 +1,4 @@
-"""The rotated-MNIST models: WSCNN, its plain CNN baseline and the exact C4 G-CNN (method.md §7)."""
+"""The rotated-MNIST models: WSCNN, its plain CNN baseline and the exact C4 G-CNN (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CIFAR-10 models: WS-ResNet and its plain ResNet baseline (method.md §7)."""
+"""The CIFAR-10 models: WS-ResNet and its plain ResNet baseline (docs/design.md §7)."""
 
 from __future__ import annotations
 

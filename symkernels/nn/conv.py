@@ -69,8 +69,8 @@ class _WeightSharingConv2d(nn.Module):
         )
 
     def regularizers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(norm, entropy)`` of method.md §6; both zero for a fixed stack. The entropy of the whole stack is
-        that of its learned matrices: a fixed identity adds none."""
+        """``(norm, entropy)`` of docs/design.md §6; both zero for a fixed stack. The entropy of the whole
+        stack is that of its learned matrices: a fixed identity adds none."""
         logits = getattr(self.reps, "logits", None)
         norm = self.weight.new_zeros(()) if logits is None else norm_regularizer(logits)
         return norm, entropy_regularizer(self.reps.learned())

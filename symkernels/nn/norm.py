@@ -1,4 +1,4 @@
-"""Parameter-free normalisations of ``[B, C, G, H, W]`` feature maps (method.md §5, §7)."""
+"""Parameter-free normalisations of ``[B, C, G, H, W]`` feature maps (docs/design.md §5, §7)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from symkernels._checks import check_floating, check_positive_int, check_square_
 
 
 class DoublyStochasticStack(nn.Module):
-    """``group_size`` learned soft permutations of size ``dim × dim`` (method.md §3).
+    """``group_size`` learned soft permutations of size ``dim × dim`` (docs/design.md §3).
 
     With ``fix_identity`` the first element is the exact identity (a buffer) and only ``group_size − 1``
     logit matrices are learned. ``forward()`` returns the ``[group_size, dim, dim]`` stack. The logits start

@@ -1,4 +1,4 @@
-"""Kernel expansion and the permuted-kernel convolution (method.md §4)."""
+"""Kernel expansion and the permuted-kernel convolution (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The two regularisers of a representation stack (method.md §6)."""
+"""The two regularisers of a representation stack (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Log-domain Sinkhorn (method.md §2): a fixed number of iterations, or an early exit at a tolerance."""
+"""Log-domain Sinkhorn (docs/design.md §2): a fixed number of iterations, or an early exit at a tolerance."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = frozenset({"epochs"})
 #   mnist5k: 5,000 real MNIST digits (4,000 train / 1,000 test) with the paper's rotated-MNIST protocol and
 #            optimisation (as mnist below), at a width and length sized for a few minutes on two CPU cores.
 #   digits:  scikit-learn's embedded 8×8 digits at 28×28, C4-rotated, sized for minutes on two CPU cores
-#   mnist:   the paper's rotated-MNIST setup (method.md §7): AdamW, lr 1e-2 for weights and logits,
+#   mnist:   the paper's rotated-MNIST setup (docs/design.md §7): AdamW, lr 1e-2 for weights and logits,
 #            λ_norm 0.1, T = 20, batch 64, 100 epochs, 32 channels, k = 5, padding 0, continuous rotations
 #            in [0°, 360°), inputs normalised with MNIST's mean and std.
 #   cifar10: the paper's CIFAR-10 setup: WS-ResNet, k = 7, lr 1e-4 (weights) and 1e-2 (logits), batch 128,
@@ -120,7 +120,7 @@ class TrainConfig:
     flip: bool = False  # random horizontal flips of training images
     scale: bool = False  # random shrink by a factor in [scale_min, 1] (scaled MNIST uses [0.3, 1])
     scale_min: float = 0.3
-    test_noise: float = 0.01  # std of the noise added to a rotated/scaled test set (method.md §7)
+    test_noise: float = 0.01  # std of the noise added to a rotated/scaled test set (docs/design.md §7)
     # Model inputs are (image − input_mean) / input_std, after the transforms (and the test set's noise).
     input_mean: float = 0.0
     input_std: float = 1.0

@@ -3,7 +3,7 @@
 Training images are transformed on the fly, batch by batch, with parameters drawn for the whole global batch
 (so that every process of a distributed run draws the same numbers and transforms only its shard). The test
 set of a rotated or scaled protocol is transformed once, with its own fixed generator, plus Gaussian noise
-(method.md §7: rotated once, noise std 0.01). Flips are a training augmentation only. Model inputs are
+(docs/design.md §7: rotated once, noise std 0.01). Flips are a training augmentation only. Model inputs are
 normalised last, ``(image − input_mean) / input_std``, after the transforms (zeros outside a rotated image
 become ``−mean/std``, as with torchvision's rotation before its normalisation).
 """

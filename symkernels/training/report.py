@@ -4,7 +4,7 @@ trajectory over training, and figures.
 The lifting layer (named ``"lift"``) is read against the rotations of its ``k × k`` grid (with ``flip`` and
 at least eight stack elements: the dihedral group, rotations and reflections); a group-conv layer with
 ``G_in`` ∈ {1, 2, 4} input group elements against the shift-twist representation of the rotations of order
-``G_in`` (method.md §4). Layers of other shapes have no exact basis here and are left out.
+``G_in`` (docs/design.md §4). Layers of other shapes have no exact basis here and are left out.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def decomposition(stacks: dict[str, torch.Tensor], bases: dict[str, Basis]) -> d
 
 
 def recovery(entry: dict[str, Any], threshold: float = RECOVERY_THRESHOLD) -> dict[str, Any]:
-    """Whether one layer's stack recovered its group (method.md §10): every element puts at least
+    """Whether one layer's stack recovered its group (docs/design.md §10): every element puts at least
     ``threshold`` of its mass on one exact element, and those elements are distinct and cover the basis."""
     names = entry["elements"]
     coefficients = torch.tensor(entry["coefficients"], dtype=torch.float64)

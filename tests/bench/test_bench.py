@@ -161,7 +161,7 @@ def test_quick_suite_runs_every_symkernels_provider(tmp_path):
     if NATIVE_CPU:
         assert "### Goals" in text
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "plots" / "cpu-1t-sinkhorn.png").stat().st_size > 0
+    assert [path.name for path in (tmp_path / "plots").glob("cpu-*-1t-sinkhorn.png")], "no Sinkhorn plot"
 
 
 def sinkhorn_row(run, provider, ms, regime="sharp", workload="mnist-wscnn", mode="fwd+bwd", **extra):
@@ -239,6 +239,31 @@ def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         report.update_readme(results, readme)
+
+
+def test_two_machines_get_their_own_plots_and_page_sections(tmp_path):
+    # Two machines, one thread each: neither's plot overwrites the other's, and the page shows both.
+    results = tmp_path / "results.jsonl"
+    machines = {
+        "20260101T000000Z-a": "Intel(R) Xeon(R) Processor (2 logical cores)",
+        "20260102T000000Z-b": "AMD EPYC",
+    }
+    records = [{"record": "run", "run": run, "env": {"device_name": name}} for run, name in machines.items()]
+    for run, ms in zip(machines, [3.0, 1.0], strict=True):
+        overhead = {"op": "overhead", "section": "overhead", "regime": None}
+        records.append(sinkhorn_row(run, "functional", ms, workload="tiny-1x2x2", **overhead))
+        records.append(
+            sinkhorn_row(run, "ws-auto", 10 * ms, regime=None, workload="default-run", op="train-step")
+        )
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    pytest.importorskip("matplotlib")
+    report.write_report(results)
+    plots = sorted(path.name for path in (tmp_path / "plots").iterdir())
+    assert plots == ["cpu-amd-epyc-1t-train-step.png", "cpu-intel-xeon-1t-train-step.png"], plots
+    section = report.readme_section(results, tmp_path / "page.md")
+    assert "**Intel(R) Xeon(R) Processor (2 logical cores), 1 thread(s).**" in section
+    assert "**AMD EPYC, 1 thread(s).**" in section
+    assert "| tiny-1x2x2 | fwd+bwd | 3.00 |" in section and "| tiny-1x2x2 | fwd+bwd | 1.00 |" in section
 
 
 def test_op_scripts_run_as_files(tmp_path):

@@ -1,4 +1,4 @@
-"""The paper's models: exact parameter counts (method.md §8), shapes, invariance, regularisers."""
+"""The paper's models: exact parameter counts (docs/design.md §8), shapes, invariance, regularisers."""
 
 from __future__ import annotations
 
