@@ -116,8 +116,8 @@ SYMKERNELS_INLINE void stream_fence() {
 #endif
 }
 
-// fast_exp (cpu_vector.h) on every lane: the same reduction and polynomial, the range handled with selects (GCC
-// 12 lowers some combinations of lane masks and bit operations to scalar code; selects stay vector instructions).
+// fast_exp (cpu_vector.h) on every lane, for x in [ExpConstants::lo, ExpConstants::hi] (K's exponents lie in
+// [-max_spread, 0] on every lane that uses them): the same reduction and polynomial, without the range handling.
 template <int M, int D, typename V>
 SYMKERNELS_INLINE V lanes_horner(V r) {
   constexpr double coef = InverseFactorials<double, D>::value[M];
@@ -138,9 +138,7 @@ SYMKERNELS_INLINE typename Lanes<B>::V lanes_exp(typename Lanes<B>::V x) {
   const V r = (x - k * C::ln2_hi) - k * C::ln2_lo;
   const V p = lanes_horner<0, C::degree>(r);
   const I e = (I)t - broadcast_int<B>(bit_cast<int64_t>(C::shifter) - C::bias);
-  const V y = p * (V)(e << C::mantissa_bits);
-  const V underflowed = x < broadcast<B>(C::lo) ? V{} : y;  // NaN: kept, stays NaN
-  return x > broadcast<B>(C::hi) ? broadcast<B>(std::numeric_limits<double>::infinity()) : underflowed;
+  return p * (V)(e << C::mantissa_bits);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +290,7 @@ SYMKERNELS_INLINE typename Lanes<B>::I build_lane_kernel(typename Lanes<B>::V* k
     }
     const V row_spread = hi - lo;
     spread = row_spread > spread ? row_spread : spread;
+    // (On a lane whose spread exceeds max_spread, or with a non-finite logit, this is garbage, replaced below.)
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) ki[j] = lanes_exp<B>(ki[j] - hi);
   }
