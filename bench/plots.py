@@ -35,8 +35,8 @@ def plot(setup: Setup, rows: Sequence[dict[str, Any]], folder: Path) -> list[Pat
             ]
             if any(r["provider"] == p for r in sinkhorn)
         ]
-        workloads = sorted({r["workload"] for r in sinkhorn})
         regimes = [g for g in ("init", "sharp") if any(r["regime"] == g for r in sinkhorn)]
+        workloads = sorted({r["workload"] for r in sinkhorn if r["regime"] in regimes})  # not the tiny ones
         fig, axes = plt.subplots(
             1, len(regimes), figsize=(6.5 * len(regimes), 4.2), squeeze=False, sharey=True
         )

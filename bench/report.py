@@ -18,7 +18,8 @@ from typing import Any
 from bench.goals import goal_lines, goals
 from bench.harness import RESULTS_FILE, ROOT, read_records
 from bench.plots import plot as draw_plots
-from bench.selection import POT, Setup, authors_rule, best, cell, latest, ms, ours, ratio
+from bench.selection import POT, Setup, authors_rule, best, cell, latest, median, ms, ours, ratio
+from bench.workloads import TINY_WORKLOADS
 
 __all__ = ["goals", "latest", "main", "readme_section", "update_readme", "write_report"]
 
@@ -69,7 +70,11 @@ def sinkhorn_table(setup: Setup, rows: Sequence[dict[str, Any]], modes: Sequence
     for backend in mine:
         order += [backend, f"{backend}-grouped", f"{backend}-authors-tol", f"{backend}-grouped-authors-tol"]
     selected = sorted(
-        (r for r in rows if r["op"] == "sinkhorn" and r["mode"] in modes),
+        (
+            r
+            for r in rows
+            if r["op"] == "sinkhorn" and r["mode"] in modes and r["workload"] not in TINY_WORKLOADS
+        ),
         key=lambda r: (modes.index(r["mode"]), r["workload"], r["regime"]),
     )
     ratios = [
@@ -79,6 +84,45 @@ def sinkhorn_table(setup: Setup, rows: Sequence[dict[str, Any]], modes: Sequence
         ("their rule: ours vs authors' loop", ("authors-loop",), authors_rule(mine)),
     ]
     return table(selected, ("workload", "mode", "regime"), order + list(POT), ratios)
+
+
+def tiny_table(setup: Setup, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The tiny workloads (hyper-connections: B matrices of n×n, T iterations): ms per call of every provider,
+    the speedups, and the memory-traffic floor of the row with the fraction of it each of ours reaches (the
+    time of ``copy-floor``, a copy moving the floor's bytes, over ours)."""
+    mine = ours(setup)
+    variants = [f"{b}{v}" for b in mine for v in ("", "-op", "-kernel")]
+    order = [*variants, "reference", "reference-compiled", *POT, "copy-floor"]
+    groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for row in sorted(
+        (r for r in rows if r["op"] == "sinkhorn" and r["workload"] in TINY_WORKLOADS),
+        key=lambda r: (r["mode"] != "fwd+bwd", TINY_WORKLOADS[r["workload"]]),
+    ):
+        groups.setdefault((row["workload"], row["mode"]), {})[row["provider"]] = row
+    present = [p for p in order if any(p in g for g in groups.values())]
+    measured = [p for p in variants if p in present]
+    header = [
+        "workload",
+        "mode",
+        *(f"{p} (ms)" for p in present),
+        "ours vs reference",
+        "ours vs POT's best",
+        "floor (MB)",
+        *(f"{p} of floor" for p in measured),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (workload, mode), by_provider in groups.items():
+        copy = median(by_provider.get("copy-floor"))
+        floor = next((r.get("floor_bytes") for r in by_provider.values() if r.get("floor_bytes")), None)
+        cells = [workload, mode, *(cell(by_provider.get(p)) for p in present)]
+        cells.append(ratio(best(by_provider, ("reference",))[1], best(by_provider, mine)[1]))
+        cells.append(ratio(best(by_provider, POT)[1], best(by_provider, mine)[1]))
+        cells.append("–" if floor is None else f"{floor / 1e6:,.1f}")
+        for p in measured:
+            time_ms = median(by_provider.get(p))
+            cells.append("–" if copy is None or not time_ms else f"{copy / time_ms:.0%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def step_table(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -205,6 +249,7 @@ def markdown(
         sections = [
             ("Goals", goal_lines(goals(setup, rows))),
             ("Sinkhorn", sinkhorn_table(setup, rows)),
+            ("Sinkhorn on tiny matrices (hyper-connections)", tiny_table(setup, rows)),
             ("Training step", step_table(rows) + [""] + profile_lines(rows)),
             ("Published-API training step (symkernels.compat)", compat_table(rows)),
             ("One weight-sharing layer", layer_table(rows)),

@@ -1,6 +1,9 @@
 // The CPU kernels of the Sinkhorn ops (sinkhorn.h), shared by their translation units: sinkhorn_cpu_forward.cpp,
 // sinkhorn_cpu_backward.cpp and sinkhorn_cpu.cpp (the ISA choice). The matrices of a ragged stack run in parallel,
-// in tasks of consecutive matrices with their buffers allocated once per task.
+// in tasks of consecutive matrices of one stack with their buffers allocated once per task. Two paths:
+// * stacks of n <= kMaxLaneSize take the small-matrix path (sinkhorn_cpu_lanes.h): a vector holds one entry of
+//   each of several matrices, so that every instruction works on that many matrices;
+// * larger matrices take the per-matrix path described here, a vector holding entries of one row.
 //
 // Each matrix is iterated in one of two domains, decided from its logits and, while iterating, from its scalings;
 // the decision is saved (`domain`) and the backward follows it:
@@ -8,9 +11,9 @@
 //   r = 1 / (K c), c = 1 / (K' r): one row-major pass over K (a dot product and an axpy per row), no exp;
 // * log domain (fallback): max-shifted log-sum-exp iterations on the log-scalings, for matrices whose logits are
 //   too spread out for K (see ScalingLimits), whose scalings leave the safe range, or with non-finite logits.
-// The forward saves c_t (or g_t) exactly as computed; the backward rebuilds K (or L0) from the logits, recomputes
-// r_t = 1 / (K c_{t-1}) (or f_t) with the forward's own code, and runs the exact vector-Jacobian product of the
-// T_m-step map.
+// The forward saves c_t (or g_t) exactly as computed; the per-matrix backward rebuilds K (or L0) from the logits,
+// recomputes r_t = 1 / (K c_{t-1}) (or f_t) with the forward's own code, and runs the exact vector-Jacobian product
+// of the T_m-step map (the small-matrix backward recomputes c_t too).
 //
 // Everything inside a matrix is computed in the compute type A of the input type S (ComputeType below): only the
 // logits, grad_p and the outputs are in S. On x86-64 the per-matrix code is compiled three times, for the baseline
@@ -189,15 +192,46 @@ SYMKERNELS_INLINE void log_row_step(const A* __restrict l0, const A* __restrict 
   }
 }
 
+// One stack of a call: where its matrices are, their size, and the global index of its first matrix (matrices are
+// numbered stack by stack: domain, iterations, caps and cols are indexed by it).
+template <typename S>
+struct StackView {
+  const S* logits;  // [G, n, n]
+  const S* grad;    // backward: grad_p [G, n, n]; forward: nullptr
+  S* out;           // forward: P; backward: grad_logits
+  int64_t n;
+  int64_t first;
+  int64_t count;
+
+  const S* logits_of(int64_t m) const { return logits + (m - first) * n * n; }
+  const S* grad_of(int64_t m) const { return grad + (m - first) * n * n; }
+  S* out_of(int64_t m) const { return out + (m - first) * n * n; }
+};
+
+// The stacks of a call (contiguous [G_l, n_l, n_l] tensors of type S, with their outputs and, for the backward,
+// the incoming gradients), numbered from matrix 0.
+template <typename S>
+std::vector<StackView<S>> stack_views(const std::vector<at::Tensor>& stacks, const std::vector<at::Tensor>& out,
+                                      const std::vector<at::Tensor>* grad) {
+  std::vector<StackView<S>> views;
+  int64_t first = 0;
+  for (size_t l = 0; l < stacks.size(); ++l) {
+    const at::Tensor& stack = stacks[l];
+    views.push_back(StackView<S>{static_cast<const S*>(stack.data_ptr()),
+                                 grad != nullptr ? static_cast<const S*>((*grad)[l].data_ptr()) : nullptr,
+                                 static_cast<S*>(out[l].data_ptr()), stack.size(1), first, stack.size(0)});
+    first += stack.size(0);
+  }
+  return views;
+}
+
 template <typename S, typename A>
 struct ForwardArgs {
-  const S* const* logits;  // [M]: each matrix's first logit
-  S* const* p;             // [M]
+  const StackView<S>* stacks;
   double* cols;          // [M, n_iter, max_n]
   int32_t* domain;       // [M]
   int32_t* iterations;   // [M]
   const int32_t* caps;   // [M] or nullptr
-  const int64_t* size;   // [M]
   S tau;
   A tol;
   bool early_exit;
@@ -207,33 +241,16 @@ struct ForwardArgs {
 
 template <typename S>
 struct BackwardArgs {
-  const S* const* grad;       // [M]: each matrix's first entry
-  const S* const* logits;     // [M]
+  const StackView<S>* stacks;
   const double* cols;         // [M, n_iter, max_n]
   const int32_t* domain;      // [M]
   const int32_t* iterations;  // [M]
-  S* const* out;              // [M]
-  const int64_t* size;        // [M]
   S tau;
   int64_t n_iter;
   int64_t max_n;
 };
 
-// [M]: where each matrix of the stacks (contiguous [G_l, n_l, n_l] tensors of type T) begins.
-template <typename T, typename Tensor>
-std::vector<T*> matrix_starts(const std::vector<Tensor>& stacks) {
-  std::vector<T*> starts;
-  for (const Tensor& stack : stacks) {
-    T* base = static_cast<T*>(stack.data_ptr());
-    const int64_t per_matrix = stack.size(1) * stack.size(2);
-    for (int64_t g = 0; g < stack.size(0); ++g) {
-      starts.push_back(base + g * per_matrix);
-    }
-  }
-  return starts;
-}
-
-// Picks the range function compiled for the widest ISA this CPU has.
+// Picks the function compiled for the widest ISA this CPU has.
 template <typename F>
 F pick_for_isa(F baseline, [[maybe_unused]] F avx2, [[maybe_unused]] F avx512) {
 #if SYMKERNELS_SINKHORN_AVX2
@@ -253,26 +270,86 @@ F pick_for_isa(F baseline, [[maybe_unused]] F avx2, [[maybe_unused]] F avx512) {
 // not spread over threads one matrix at a time.
 constexpr int64_t kMinTaskWork = int64_t{1} << 17;
 
-// Runs range(begin, end) over all M matrices, cut into tasks of consecutive matrices of at least kMinTaskWork
-// multiply-adds each (estimated as n_m^2 times the iterations: per_matrix[m], or n_iter when per_matrix is null),
-// the tasks handed out one at a time to the calling thread and the pool's workers.
-template <typename Range>
-void run_tasks(int64_t num_matrices, const int64_t* size, const int32_t* per_matrix, int64_t n_iter,
-               const Range& range) {
-  std::vector<int64_t> bounds{0};
-  int64_t task_work = 0;
-  for (int64_t m = 0; m < num_matrices; ++m) {
-    // (n^2 capped: a matrix that big is a task of its own anyway, and the product stays far from overflow.)
-    task_work += std::min(size[m] * size[m], kMinTaskWork) * iteration_limit(per_matrix, m, n_iter);
-    if (task_work >= kMinTaskWork) {
-      bounds.push_back(m + 1);
-      task_work = 0;
+// A task: the matrices [begin, end) of one stack (global indices), or, with `index`, the matrices index[begin..end),
+// all of one stack; `lanes`: run by the small-matrix path (sinkhorn_cpu_lanes.h).
+struct Task {
+  int64_t stack;
+  int64_t begin;
+  int64_t end;
+  const int64_t* index;
+  bool lanes;
+
+  int64_t matrix(int64_t q) const { return index != nullptr ? index[q] : q; }
+};
+
+// The small-matrix path (sinkhorn_cpu_lanes.h) takes the stacks of n <= kMaxLaneSize, padded to lane_size(n);
+// larger matrices fill a vector with a row of one matrix (the per-matrix path).
+constexpr int64_t kMaxLaneSize = 8;
+
+constexpr bool takes_lanes(int64_t n) {
+  return SYMKERNELS_VECTORS && n <= kMaxLaneSize;
+}
+
+constexpr int64_t lane_size(int64_t n) {
+  return n <= 2 ? 2 : (n <= 4 ? 4 : 8);
+}
+
+// The matrices of a lane task: a multiple of 8 (whole groups for every vector width) carrying kMinTaskWork.
+inline int64_t lane_task_matrices(int64_t padded_n, int64_t n_iter) {
+  const int64_t work = std::max<int64_t>(1, padded_n * padded_n * n_iter);
+  return (kMinTaskWork / work + 8) / 8 * 8;
+}
+
+// Tasks over the matrices index[0..count) (or 0..count without index), in order, none spanning two stacks: lane
+// tasks of lane_task_matrices each for the stacks the small-matrix path takes, per-matrix tasks of at
+// least kMinTaskWork multiply-adds each (estimated as n_m^2 times the iterations: per_matrix[m], or n_iter when
+// per_matrix is null) for the others.
+template <typename S>
+std::vector<Task> plan_tasks(const std::vector<StackView<S>>& stacks, const int64_t* index, int64_t count,
+                             const int32_t* per_matrix, int64_t n_iter) {
+  std::vector<Task> tasks;
+  size_t l = 0;
+  int64_t q = 0;
+  while (q < count) {
+    const int64_t m = index != nullptr ? index[q] : q;
+    while (m >= stacks[l].first + stacks[l].count) ++l;
+    const StackView<S>& stack = stacks[l];
+    const int64_t stack_end = stack.first + stack.count;
+    // The run of positions q.. whose matrices belong to this stack.
+    int64_t run_end = q;
+    if (index == nullptr) {
+      run_end = stack_end;
+    } else {
+      while (run_end < count && index[run_end] < stack_end) ++run_end;
     }
+    if (takes_lanes(stack.n)) {
+      const int64_t chunk = lane_task_matrices(lane_size(stack.n), n_iter);
+      for (int64_t b = q; b < run_end; b += chunk) {
+        tasks.push_back(Task{static_cast<int64_t>(l), b, std::min(b + chunk, run_end), index, true});
+      }
+    } else {
+      int64_t begin = q;
+      int64_t work = 0;
+      for (int64_t p = q; p < run_end; ++p) {
+        // (n^2 capped: a matrix that big is a task of its own anyway, and the product stays far from overflow.)
+        work += std::min(stack.n * stack.n, kMinTaskWork) *
+                iteration_limit(per_matrix, index != nullptr ? index[p] : p, n_iter);
+        if (work >= kMinTaskWork || p + 1 == run_end) {
+          tasks.push_back(Task{static_cast<int64_t>(l), begin, p + 1, index, false});
+          begin = p + 1;
+          work = 0;
+        }
+      }
+    }
+    q = run_end;
   }
-  if (bounds.back() != num_matrices) {
-    bounds.push_back(num_matrices);
-  }
-  parallel_tasks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t t) { range(bounds[t], bounds[t + 1]); });
+  return tasks;
+}
+
+// Runs every task, handed out one at a time to the calling thread and the pool's workers.
+template <typename Run>
+void run_tasks(const std::vector<Task>& tasks, const Run& run) {
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) { run(tasks[static_cast<size_t>(t)]); });
 }
 
 }  // namespace

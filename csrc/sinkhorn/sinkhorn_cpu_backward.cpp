@@ -3,7 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
-#include "sinkhorn/sinkhorn_cpu.h"
+#include "sinkhorn/sinkhorn_cpu_lanes.h"
 
 namespace symkernels::sinkhorn_detail {
 namespace {
@@ -193,12 +193,13 @@ SYMKERNELS_INLINE void log_backward(const A* __restrict l0, const S* __restrict 
 // forward's code, c_t (or g_t) are read back exactly (cols holds the compute-type values, widened), and r_t (or f_t)
 // are recomputed with the forward's code, so the backward differentiates the very iterates the forward produced.
 template <int B, typename S, typename A>
-SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, int64_t m, Workspace<A>& ws) {
-  const int64_t n = a.size[m];
+SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, const StackView<S>& stack, int64_t m,
+                                       Workspace<A>& ws) {
+  const int64_t n = stack.n;
   const int64_t iterations = saved_iterations(a.iterations, m, a.n_iter);
-  const S* grad = a.grad[m];
-  const S* x = a.logits[m];
-  S* out = a.out[m];
+  const S* grad = stack.grad_of(m);
+  const S* x = stack.logits_of(m);
+  S* out = stack.out_of(m);
   const double* slab = a.cols + m * a.n_iter * a.max_n;
   A* k = ws.mat.data();
   A* rs = ws.rows.data();
@@ -229,33 +230,78 @@ SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, int64_t m, Work
   }
 }
 
-template <int B, typename S, typename A>
-SYMKERNELS_INLINE void backward_range_impl(const BackwardArgs<S>& a, int64_t begin, int64_t end) {
-  const int64_t n = *std::max_element(a.size + begin, a.size + end);
-  int64_t iterations = 1;
-  for (int64_t m = begin; m < end; ++m) {
-    iterations = std::max(iterations, saved_iterations(a.iterations, m, a.n_iter));
+// The most iterations a matrix of the task ran.
+template <typename S>
+int64_t most_iterations(const BackwardArgs<S>& a, const Task& task) {
+  int64_t most = 1;
+  for (int64_t q = task.begin; q < task.end; ++q) {
+    most = std::max(most, saved_iterations(a.iterations, task.matrix(q), a.n_iter));
   }
-  Workspace<A> ws(n, iterations, /*backward=*/true);
-  for (int64_t m = begin; m < end; ++m) {
-    backward_matrix<B, S, A>(a, m, ws);
+  return most;
+}
+
+#if SYMKERNELS_VECTORS
+// The matrices of a lane task, W per group; those whose forward ran in the log domain go to backward_matrix.
+template <int N, int B, typename S, typename A>
+SYMKERNELS_INLINE void backward_lanes_task(const BackwardArgs<S>& a, const Task& task) {
+  constexpr int W = Lanes<B>::W;
+  const StackView<S>& stack = a.stacks[task.stack];
+  LaneHistory<N, B> history(most_iterations(a, task));
+  std::unique_ptr<Workspace<A>> ws;  // for the log domain, allocated on first use
+  for (int64_t q = task.begin; q < task.end; q += W) {
+    LaneGroup<B, S> g;
+    g.count = static_cast<int>(std::min<int64_t>(W, task.end - q));
+    for (int l = 0; l < g.count; ++l) {
+      g.matrix[l] = task.matrix(q + l);
+      g.logits[l] = stack.logits_of(g.matrix[l]);
+      g.grad[l] = stack.grad_of(g.matrix[l]);
+      g.out[l] = stack.out_of(g.matrix[l]);
+    }
+    const auto rest = backward_lanes<N, B>(a, g, stack.n, history);
+    for (int l = 0; l < g.count; ++l) {
+      if ((rest >> l & 1u) == 0) continue;
+      if (!ws) ws = std::make_unique<Workspace<A>>(stack.n, a.n_iter, /*backward=*/true);
+      backward_matrix<B, S, A>(a, stack, g.matrix[l], *ws);
+    }
+  }
+}
+#endif
+
+template <int B, typename S, typename A>
+SYMKERNELS_INLINE void backward_task_impl(const BackwardArgs<S>& a, const Task& task) {
+  const StackView<S>& stack = a.stacks[task.stack];
+#if SYMKERNELS_VECTORS
+  if (task.lanes) {
+    switch (lane_size(stack.n)) {
+      case 2:
+        return backward_lanes_task<2, B, S, A>(a, task);
+      case 4:
+        return backward_lanes_task<4, B, S, A>(a, task);
+      default:
+        return backward_lanes_task<8, B, S, A>(a, task);
+    }
+  }
+#endif
+  Workspace<A> ws(stack.n, most_iterations(a, task), /*backward=*/true);
+  for (int64_t q = task.begin; q < task.end; ++q) {
+    backward_matrix<B, S, A>(a, stack, task.matrix(q), ws);
   }
 }
 
 template <typename S, typename A>
-void backward_range(const BackwardArgs<S>& a, int64_t begin, int64_t end) {
-  backward_range_impl<32, S, A>(a, begin, end);
+void backward_task(const BackwardArgs<S>& a, const Task& task) {
+  backward_task_impl<32, S, A>(a, task);
 }
 
 #if SYMKERNELS_SINKHORN_AVX2
 template <typename S, typename A>
-SYMKERNELS_TARGET_AVX2 void backward_range_avx2(const BackwardArgs<S>& a, int64_t begin, int64_t end) {
-  backward_range_impl<32, S, A>(a, begin, end);
+SYMKERNELS_TARGET_AVX2 void backward_task_avx2(const BackwardArgs<S>& a, const Task& task) {
+  backward_task_impl<32, S, A>(a, task);
 }
 
 template <typename S, typename A>
-SYMKERNELS_TARGET_AVX512 void backward_range_avx512(const BackwardArgs<S>& a, int64_t begin, int64_t end) {
-  backward_range_impl<64, S, A>(a, begin, end);
+SYMKERNELS_TARGET_AVX512 void backward_task_avx512(const BackwardArgs<S>& a, const Task& task) {
+  backward_task_impl<64, S, A>(a, task);
 }
 #endif
 
@@ -264,31 +310,25 @@ SYMKERNELS_TARGET_AVX512 void backward_range_avx512(const BackwardArgs<S>& a, in
 void sinkhorn_backward_cpu(const std::vector<at::Tensor>& grad_p, const std::vector<at::Tensor>& stacks,
                            const RaggedLayout& layout, const at::Tensor& cols, const at::Tensor& domain,
                            const at::Tensor& iterations, double tau, const std::vector<at::Tensor>& grad_logits) {
-  const int64_t* size = layout.size.data();
   const int32_t* ran = iterations.const_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(stacks[0].scalar_type(), "sinkhorn_backward_cpu", [&] {
     using A = typename ComputeType<scalar_t>::type;
-    const std::vector<const scalar_t*> grad_of = matrix_starts<const scalar_t>(grad_p);
-    const std::vector<const scalar_t*> logits_of = matrix_starts<const scalar_t>(stacks);
-    const std::vector<scalar_t*> out_of = matrix_starts<scalar_t>(grad_logits);
-    const BackwardArgs<scalar_t> args{grad_of.data(),
-                                      logits_of.data(),
+    const std::vector<StackView<scalar_t>> views = stack_views<scalar_t>(stacks, grad_logits, &grad_p);
+    const BackwardArgs<scalar_t> args{views.data(),
                                       cols.const_data_ptr<double>(),
                                       domain.const_data_ptr<int32_t>(),
                                       ran,
-                                      out_of.data(),
-                                      size,
                                       static_cast<scalar_t>(tau),
                                       cols.size(1),
                                       layout.max_n};
 #if SYMKERNELS_SINKHORN_AVX2
-    const auto range = pick_for_isa(&backward_range<scalar_t, A>, &backward_range_avx2<scalar_t, A>,
-                                    &backward_range_avx512<scalar_t, A>);
+    const auto task_fn = pick_for_isa(&backward_task<scalar_t, A>, &backward_task_avx2<scalar_t, A>,
+                                      &backward_task_avx512<scalar_t, A>);
 #else
-    const auto range = &backward_range<scalar_t, A>;
+    const auto task_fn = &backward_task<scalar_t, A>;
 #endif
-    run_tasks(layout.num_matrices(), size, ran, cols.size(1),
-              [&](int64_t begin, int64_t end) { range(args, begin, end); });
+    run_tasks(plan_tasks(views, nullptr, layout.num_matrices(), ran, cols.size(1)),
+              [&](const Task& task) { task_fn(args, task); });
   });
 }
 

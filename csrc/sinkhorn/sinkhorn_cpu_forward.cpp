@@ -4,7 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
-#include "sinkhorn/sinkhorn_cpu.h"
+#include "sinkhorn/sinkhorn_cpu_lanes.h"
 
 namespace symkernels::sinkhorn_detail {
 namespace {
@@ -117,19 +117,21 @@ SYMKERNELS_INLINE void save_cols(const A* __restrict cs, int64_t n, int64_t iter
   std::fill(slab + iterations * max_n, slab + n_iter * max_n, 0.0);
 }
 
-// One matrix of the forward: P, its slab of cols, its domain and iterations.
+// One matrix of the forward: P, its slab of cols, its domain and iterations. In the scaling domain where it serves
+// (unless `log_only`: the small-matrix path found that it does not), else in the log domain.
 template <int B, typename S, typename A>
-SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, int64_t m, Workspace<A>& ws) {
-  const int64_t n = a.size[m];
-  const S* x = a.logits[m];
-  S* p = a.p[m];
+SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, const StackView<S>& stack, int64_t m,
+                                      Workspace<A>& ws, bool log_only) {
+  const int64_t n = stack.n;
+  const S* x = stack.logits_of(m);
+  S* p = stack.out_of(m);
   const int64_t limit = iteration_limit(a.caps, m, a.n_iter);
   A* k = ws.mat.data();
   A* row_max = ws.row_max.data();
   A* rs = ws.rows.data();
   A* cs = ws.cols.data();
   int64_t iterations = 0;  // stays 0 unless the scaling domain serves
-  if (load_logits(x, a.tau, n, k, row_max)) {
+  if (!log_only && load_logits(x, a.tau, n, k, row_max)) {
     build_kernel(k, row_max, n);
     iterations = scaling_iterate<B>(k, n, limit, a.early_exit, a.tol, rs, cs, ws.v1.data());
   }
@@ -166,29 +168,70 @@ SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, int64_t m, Wor
   save_cols(cs + n, n, iterations, a.n_iter, a.max_n, a.cols + m * a.n_iter * a.max_n);
 }
 
+#if SYMKERNELS_VECTORS
+// The matrices of a lane task, W per group; the matrices a group does not serve go to the log domain.
+template <int N, int B, typename S, typename A>
+SYMKERNELS_INLINE void forward_lanes_task(const ForwardArgs<S, A>& a, const Task& task) {
+  constexpr int W = Lanes<B>::W;
+  const StackView<S>& stack = a.stacks[task.stack];
+  LaneHistory<N, B> history(a.n_iter);
+  std::unique_ptr<Workspace<A>> ws;  // for the log domain, allocated on first use
+  const bool masked = a.early_exit || a.caps != nullptr;
+  for (int64_t q = task.begin; q < task.end; q += W) {
+    LaneGroup<B, S> g;
+    g.count = static_cast<int>(std::min<int64_t>(W, task.end - q));
+    for (int l = 0; l < g.count; ++l) {
+      g.matrix[l] = task.matrix(q + l);
+      g.logits[l] = stack.logits_of(g.matrix[l]);
+      g.out[l] = stack.out_of(g.matrix[l]);
+    }
+    const auto rest = masked ? forward_lanes<N, B, true>(a, g, stack.n, history)
+                             : forward_lanes<N, B, false>(a, g, stack.n, history);
+    for (int l = 0; l < g.count; ++l) {
+      if ((rest >> l & 1u) == 0) continue;
+      if (!ws) ws = std::make_unique<Workspace<A>>(stack.n, a.n_iter, /*backward=*/false);
+      forward_matrix<B, S, A>(a, stack, g.matrix[l], *ws, /*log_only=*/true);
+    }
+  }
+  stream_fence();
+}
+#endif
+
 template <int B, typename S, typename A>
-SYMKERNELS_INLINE void forward_range_impl(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
-  const int64_t n = *std::max_element(a.size + begin, a.size + end);
-  Workspace<A> ws(n, a.n_iter, /*backward=*/false);
-  for (int64_t m = begin; m < end; ++m) {
-    forward_matrix<B, S, A>(a, m, ws);
+SYMKERNELS_INLINE void forward_task_impl(const ForwardArgs<S, A>& a, const Task& task) {
+  const StackView<S>& stack = a.stacks[task.stack];
+#if SYMKERNELS_VECTORS
+  if (task.lanes) {
+    switch (lane_size(stack.n)) {
+      case 2:
+        return forward_lanes_task<2, B, S, A>(a, task);
+      case 4:
+        return forward_lanes_task<4, B, S, A>(a, task);
+      default:
+        return forward_lanes_task<8, B, S, A>(a, task);
+    }
+  }
+#endif
+  Workspace<A> ws(stack.n, a.n_iter, /*backward=*/false);
+  for (int64_t q = task.begin; q < task.end; ++q) {
+    forward_matrix<B, S, A>(a, stack, task.matrix(q), ws, /*log_only=*/false);
   }
 }
 
 template <typename S, typename A>
-void forward_range(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
-  forward_range_impl<32, S, A>(a, begin, end);
+void forward_task(const ForwardArgs<S, A>& a, const Task& task) {
+  forward_task_impl<32, S, A>(a, task);
 }
 
 #if SYMKERNELS_SINKHORN_AVX2
 template <typename S, typename A>
-SYMKERNELS_TARGET_AVX2 void forward_range_avx2(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
-  forward_range_impl<32, S, A>(a, begin, end);
+SYMKERNELS_TARGET_AVX2 void forward_task_avx2(const ForwardArgs<S, A>& a, const Task& task) {
+  forward_task_impl<32, S, A>(a, task);
 }
 
 template <typename S, typename A>
-SYMKERNELS_TARGET_AVX512 void forward_range_avx512(const ForwardArgs<S, A>& a, int64_t begin, int64_t end) {
-  forward_range_impl<64, S, A>(a, begin, end);
+SYMKERNELS_TARGET_AVX512 void forward_task_avx512(const ForwardArgs<S, A>& a, const Task& task) {
+  forward_task_impl<64, S, A>(a, task);
 }
 #endif
 
@@ -218,43 +261,39 @@ void sinkhorn_forward_cpu(const std::vector<at::Tensor>& stacks, const RaggedLay
                           double tau, double tol, bool stop_by_stack, const int32_t* caps,
                           const std::vector<at::Tensor>& p, const at::Tensor& cols, const at::Tensor& domain,
                           const at::Tensor& iterations) {
-  const int64_t* size = layout.size.data();
   AT_DISPATCH_FLOATING_TYPES(stacks[0].scalar_type(), "sinkhorn_forward_cpu", [&] {
     using A = typename ComputeType<scalar_t>::type;
-    const std::vector<const scalar_t*> logits_of = matrix_starts<const scalar_t>(stacks);
-    const std::vector<scalar_t*> p_of = matrix_starts<scalar_t>(p);
-    const ForwardArgs<scalar_t, A> args{logits_of.data(),
-                                        p_of.data(),
+    const std::vector<StackView<scalar_t>> views = stack_views<scalar_t>(stacks, p, nullptr);
+    const ForwardArgs<scalar_t, A> args{views.data(),
                                         cols.mutable_data_ptr<double>(),
                                         domain.mutable_data_ptr<int32_t>(),
                                         iterations.mutable_data_ptr<int32_t>(),
                                         caps,
-                                        size,
                                         static_cast<scalar_t>(tau),
                                         static_cast<A>(tol),
                                         early_exit_enabled(tol),
                                         n_iter,
                                         layout.max_n};
 #if SYMKERNELS_SINKHORN_AVX2
-    const auto range = pick_for_isa(&forward_range<scalar_t, A>, &forward_range_avx2<scalar_t, A>,
-                                    &forward_range_avx512<scalar_t, A>);
+    const auto task_fn = pick_for_isa(&forward_task<scalar_t, A>, &forward_task_avx2<scalar_t, A>,
+                                      &forward_task_avx512<scalar_t, A>);
 #else
-    const auto range = &forward_range<scalar_t, A>;
+    const auto task_fn = &forward_task<scalar_t, A>;
 #endif
-    run_tasks(layout.num_matrices(), size, caps, n_iter, [&](int64_t begin, int64_t end) { range(args, begin, end); });
+    run_tasks(plan_tasks(views, nullptr, layout.num_matrices(), caps, n_iter),
+              [&](const Task& task) { task_fn(args, task); });
     if (!stop_by_stack || !args.early_exit) {
       return;
     }
     // Matrices that stopped early run again, capped at their stack's count: stopping by tol after t iterations
     // computes what t capped iterations compute, so the others keep their first pass.
     std::vector<int32_t> stack_caps;
-    const std::vector<int64_t> lagging =
-        lagging_matrices(layout, args.iterations, caps, n_iter, stack_caps);
+    const std::vector<int64_t> lagging = lagging_matrices(layout, args.iterations, caps, n_iter, stack_caps);
     ForwardArgs<scalar_t, A> rerun = args;
     rerun.caps = stack_caps.data();
     rerun.early_exit = false;
-    parallel_tasks(static_cast<int64_t>(lagging.size()),
-                   [&](int64_t t) { range(rerun, lagging[t], lagging[t] + 1); });
+    run_tasks(plan_tasks(views, lagging.data(), static_cast<int64_t>(lagging.size()), rerun.caps, n_iter),
+              [&](const Task& task) { task_fn(rerun, task); });
   });
 }
 

@@ -15,7 +15,7 @@ import symkernels
 from bench import environment, harness, report, timing
 from bench import sinkhorn as sinkhorn_bench
 from bench.__main__ import main as bench_main
-from bench.workloads import make_stack
+from bench.workloads import TINY_REGIME, TINY_WORKLOADS, make_logits, make_stack
 from symkernels.reference import sinkhorn_reference
 
 NATIVE_CPU = symkernels.backend_status()["cpu"].usable
@@ -131,6 +131,51 @@ def test_sinkhorn_providers_compute_the_same_matrices(regime):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_tiny_workload_providers_compute_the_same_matrices():
+    """The tiny workloads' providers (the op, the native library called directly, POT) give the reference's P,
+    and the kernel provider's backward the reference's gradient."""
+    n_iter = 10
+    generator = torch.Generator().manual_seed(0)
+    xs = [make_logits((9, 4, 4), TINY_REGIME, generator), make_logits((5, 8, 8), TINY_REGIME, generator)]
+    grads = [torch.randn(x.shape, generator=generator) for x in xs]
+    want = [sinkhorn_reference(x, n_iter, sinkhorn_bench.TAU) for x in xs]
+    names = ["reference"] + (["cpu", "cpu-op"] if NATIVE_CPU else [])
+    if sinkhorn_bench.pot_module() is not None:
+        names += list(sinkhorn_bench.POT_PROVIDERS)
+    for name in names:
+        for got, expected in zip(sinkhorn_bench.provider_fn(name, n_iter)(xs), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
+    if not NATIVE_CPU:
+        return
+    forward = sinkhorn_bench.kernel_closure("cpu", xs, None, n_iter)()
+    backward = sinkhorn_bench.kernel_closure("cpu", xs, grads, n_iter)()
+    for x, grad, expected, (p, *_), (got_grad,) in zip(xs, grads, want, forward, backward, strict=True):
+        torch.testing.assert_close(p[0], expected, rtol=1e-5, atol=1e-6)
+        y = x.clone().requires_grad_()
+        (want_grad,) = torch.autograd.grad(sinkhorn_reference(y, n_iter, sinkhorn_bench.TAU), y, grad)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_traffic_floor_and_the_copy_that_moves_it():
+    # [32768, 4, 4], T = 20: logits and P (2 MiB each, float32), cols 32768 * 20 * 4 float64, domain and
+    # iterations (int32); the backward: grad_p, logits and the gradient, domain and iterations.
+    forward = 2 * 2**21 + 32768 * 20 * 4 * 8 + 32768 * 8
+    assert sinkhorn_bench.floor_bytes((32768, 4, 4), 20, "fwd") == forward == 25_427_968
+    assert sinkhorn_bench.floor_bytes((32768, 4, 4), 20, "fwd+bwd") == forward + 3 * 2**21 + 32768 * 8
+    src, dst = sinkhorn_bench.copy_buffers(8_000_000, "cpu")
+    assert src.numel() * src.element_size() + dst.numel() * dst.element_size() == 8_000_000
+    case = next(
+        c
+        for c in sinkhorn_bench.cases("cpu", quick=True)
+        if c.provider == sinkhorn_bench.COPY and c.workload in TINY_WORKLOADS
+    )
+    assert (
+        case.info["floor_bytes"]
+        == case.info["bytes_moved"]
+        == sinkhorn_bench.floor_bytes((32768, 4, 4), 20, "fwd+bwd")
+    )
+
+
 def test_pot_solvers_match_symkernels_in_float64():
     pytest.importorskip("ot", reason="POT is an optional peer (the bench extra)")
     assert sinkhorn_bench.pot_disagreement() is None
@@ -145,9 +190,9 @@ def test_quick_suite_runs_every_symkernels_provider(tmp_path):
     for row in rows:
         by_status.setdefault(row["status"], set()).add(row["provider"])
     assert "error" not in by_status, [row for row in rows if row["status"] == "error"][:2]
-    ours = {"reference", "authors-loop", "ws-reference", "gcnn-exact", "conv2d", "plain-cnn"}
+    ours = {"reference", "authors-loop", "ws-reference", "gcnn-exact", "conv2d", "plain-cnn", "copy-floor"}
     if NATIVE_CPU:
-        ours |= {"cpu", "cpu-grouped", "cpu-authors-tol", "ws-cpu"}
+        ours |= {"cpu", "cpu-grouped", "cpu-authors-tol", "ws-cpu", "cpu-op", "cpu-kernel"}
     assert ours <= by_status["ok"]
     assert {row["op"] for row in rows} == {"sinkhorn", "expansion", "layer", "train-step"}
     for row in rows:
@@ -158,6 +203,7 @@ def test_quick_suite_runs_every_symkernels_provider(tmp_path):
             assert row["peak_bytes"] is None or row["peak_bytes"] >= 0
     text = out.with_suffix(".md").read_text()
     assert "### Sinkhorn" in text and "### Training step" in text and "load average" in text
+    assert "### Sinkhorn on tiny matrices (hyper-connections)" in text
     if NATIVE_CPU:
         assert "### Goals" in text
     pytest.importorskip("matplotlib")
@@ -225,6 +271,33 @@ def test_report_takes_each_group_from_its_latest_run_and_checks_the_targets(tmp_
     assert goals["mnist-wscnn fwd+bwd (init) ≥ 5× the eager reference"]["status"] == "met"
     text = report.write_report(results, plots=False).read_text()
     assert "| mnist-wscnn | fwd+bwd | sharp | 9.00 | 2.00 |" in text
+
+
+def test_tiny_table_states_the_fraction_of_the_memory_traffic_floor(tmp_path):
+    results = tmp_path / "results.jsonl"
+    workload, floor = "hc-32768x4x4-T20", 31_981_568
+    tiny = {"regime": TINY_REGIME, "workload": workload, "floor_bytes": floor}
+    rows = [
+        sinkhorn_row("r1", "cpu", 8.0, **tiny),
+        sinkhorn_row("r1", "cpu-kernel", 4.0, **tiny),
+        sinkhorn_row("r1", "reference", 400.0, **tiny),
+        sinkhorn_row("r1", "pot-log", 100.0, **tiny),
+        sinkhorn_row("r1", "copy-floor", 1.0, **tiny),
+        sinkhorn_row("r1", "cpu", 1.0),  # a model stack: not in the tiny table
+    ]
+    write_results(results, ["r1"], rows)
+    text = report.write_report(results, plots=False).read_text()
+    tiny_part = text.split("### Sinkhorn on tiny matrices (hyper-connections)")[1].split("###")[0]
+    header = (
+        "| workload | mode | cpu (ms) | cpu-kernel (ms) | reference (ms) | pot-log (ms) | copy-floor (ms) | "
+        "ours vs reference | ours vs POT's best | floor (MB) | cpu of floor | cpu-kernel of floor |"
+    )
+    assert header in tiny_part
+    assert (
+        "| hc-32768x4x4-T20 | fwd+bwd | 8.00 | 4.00 | 400 | 100 | 1.00 | 50.0× | 12.5× | 32.0 | 12% | 25% |"
+        in (tiny_part)
+    )
+    assert "mnist-wscnn" not in tiny_part
 
 
 def test_readme_section_is_replaced_between_its_markers(tmp_path):

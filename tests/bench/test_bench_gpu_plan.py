@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from bench import gpu, harness, report
+from bench.selection import POT
+from bench.workloads import TINY_WORKLOADS
 
 
 def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
@@ -34,7 +36,12 @@ def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
         "batch-1024x16x16",
         "batch-1024x64x64",
         "batch-64x256x256",
+        *TINY_WORKLOADS,
     }
+    # The tiny workloads: both GPU kernels (public function and op) against the references, POT and the floor.
+    for workload in TINY_WORKLOADS:
+        providers = {c["provider"] for c in sinkhorn if c["workload"] == workload and c["mode"] == "fwd+bwd"}
+        assert providers == {"cuda", "cuda-op", "triton", "triton-op", "reference", "copy-floor", *POT}
     assert not any(c["provider"].endswith("-grouped") and c["workload"].startswith("batch") for c in sinkhorn)
     # Host-syncing providers cannot be captured in a CUDA graph.
     assert all(not c["graph"] for c in sinkhorn if c["provider"] in ("authors-loop", "pot-log"))
@@ -43,7 +50,7 @@ def test_dry_run_plans_every_section_without_touching_a_gpu(tmp_path):
     assert row["bytes_moved"] == 2 * 4 * 1024 * 64 * 64
     compiled = [c for c in cases if c["section"] == "compiled"]
     assert {c["provider"] for c in compiled} == {"reference-compiled"}
-    assert len(compiled) == 5 * 2 * 2
+    assert len(compiled) == 5 * 2 * 2 + len(TINY_WORKLOADS) * 2
     # The goal rows come first, the compiled reference last, so a run cut short by its budget has them.
     assert sinkhorn[0]["mode"] == "fwd+bwd" and sinkhorn[0]["workload"] == "mnist-wscnn"
     assert cases[-1]["section"] == "compiled"

@@ -5,6 +5,9 @@ caps, the saved state (column scalings, domain, iterations), determinism, and th
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -406,3 +409,98 @@ def test_backward_rejects_bad_input():
     for changes, match in bad:
         with pytest.raises(RuntimeError, match=f"sinkhorn_backward: {match}"):
             native.sinkhorn_backward(**{**good, **changes})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The small-matrix path (n <= 8: several matrices per vector, one per lane)
+
+
+@pytest.mark.parametrize("n_iter", [20, 7])
+def test_small_matrix_path_saved_state(n_iter):
+    """cols, domain and iterations of tiny matrices: c_t of each matrix (zero past its iterations and size),
+    in one stack (slabs written as the iterations run; odd T leaves a partial block) and in a ragged mix of
+    sizes padded to 2, 4 and 8 (slabs narrower than max_n), with caps, the tolerance, a log-domain matrix."""
+    single = [make_logits(19, 4, 4, dtype=torch.float64, scale=2.0, seed=1)]
+    mixed = [
+        make_logits(c, n, n, dtype=torch.float64, scale=2.0, seed=n)
+        for n, c in ((3, 9), (8, 5), (2, 11), (1, 3))
+    ]
+    mixed[1][2] *= 400.0  # log domain
+    for stacks in (single, mixed):
+        count = sum(s.shape[0] for s in stacks)
+        caps = torch.randint(1, n_iter + 1, (count,), generator=torch.Generator().manual_seed(n_iter))
+        for tol, cap in (
+            (0.0, None),
+            (1e-6, None),
+            (0.0, caps.to(torch.int32)),
+            (1e-6, caps.to(torch.int32)),
+        ):
+            flat, sizes, counts, p, cols, domain, iterations = forward(stacks, n_iter, 0.8, tol=tol, caps=cap)
+            assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter)
+            m = 0
+            for stack, got_p in zip(stacks, unpack(p, sizes, counts), strict=True):
+                count_l = stack.shape[0]
+                state = (cols[m : m + count_l], domain[m : m + count_l], iterations[m : m + count_l])
+                assert_cols_follow_the_recurrence(stack, 0.8, got_p, *state)
+                m += count_l
+            if stacks is mixed:
+                assert domain.nonzero().flatten().tolist() == [9 + 2]  # the spread-out 8x8 matrix
+
+
+def test_small_matrices_do_not_depend_on_neighbours_tasks_or_threads():
+    """2,000 4x4 matrices (several tasks): the same bits at 1 and 2 threads, and each matrix the same bits
+    alone as in the batch (forward and backward)."""
+    stack = make_logits(2000, 4, 4, dtype=torch.float32, scale=2.0, seed=3)
+    grad = make_logits(2000, 4, 4, dtype=torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            flat, sizes, counts, p, cols, domain, iterations = forward([stack], 20, 1.0)
+            g = backward([grad], flat, sizes, counts, cols, domain, iterations, 1.0)
+            results.append((p, cols, g))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    p, cols, g = results[0]
+    for m in (0, 7, 8, 1234, 1999):
+        one = stack[m : m + 1]
+        flat, sizes, counts, p1, cols1, domain1, iterations1 = forward([one], 20, 1.0)
+        g1 = backward([grad[m : m + 1]], flat, sizes, counts, cols1, domain1, iterations1, 1.0)
+        assert torch.equal(p1, p.view(2000, 16)[m]) and torch.equal(cols1[0], cols[m])
+        assert torch.equal(g1, g.view(2000, 16)[m])
+
+
+NARROWER_VECTORS_CHECK = """
+import torch
+from symkernels import _native
+from symkernels.reference.sinkhorn import sinkhorn_reference
+native = _native.library()
+generator = torch.Generator().manual_seed(0)
+for n, count in ((4, 13), (3, 6), (8, 5), (2, 9)):
+    for tol in (0.0, 1e-6):
+        x = 2 * torch.randn(count, n, n, dtype=torch.float64, generator=generator)
+        grad = torch.randn(count, n, n, dtype=torch.float64, generator=generator)
+        p, cols, domain, iterations = native.sinkhorn_forward([x], 20, 0.9, tol, False, None)
+        (g,) = native.sinkhorn_backward([grad], [x], cols, domain, iterations, 0.9)
+        y = x.clone().requires_grad_()
+        want, want_iterations = sinkhorn_reference(y, 20, 0.9, tol=tol, return_iterations=True)
+        (want_grad,) = torch.autograd.grad(want, y, grad)
+        assert torch.equal(iterations, want_iterations), (n, tol)
+        torch.testing.assert_close(p[0], want.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, want_grad, rtol=1e-10, atol=1e-13)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_small_matrix_path_with_narrower_vectors(isa):
+    """The builds for narrower vectors (4 matrices per group), which SYMKERNELS_CPU_ISA selects on a wider
+    CPU, against the reference; each in a process of its own, since the ISA is chosen once per process."""
+    env = {**os.environ, "SYMKERNELS_CPU_ISA": isa}
+    result = subprocess.run(
+        [sys.executable, "-c", NARROWER_VECTORS_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
