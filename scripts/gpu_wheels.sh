@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, into .whl/ (ignored by git), the wheels of the Python packages that scripts/gpu_check.sh needs and a GPU
-# machine may lack; carry .whl with the checkout (carry=[".whl"] in the runner call of its header) and
-# gpu_check.sh installs each one the machine cannot import, into a private folder. The GPU machines run CPython 3.12 on x86-64 with
-# no network.
+# machine may lack; carry .whl with the checkout (carry=[".whl"] in the runner call of gpu_check.sh's header)
+# and gpu_check.sh installs each one the machine cannot import, into a private folder. The GPU machines run
+# CPython 3.12 on x86-64 with no network.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 packages=(
