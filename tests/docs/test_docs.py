@@ -20,8 +20,10 @@ Repository files are those git lists (tracked, or untracked and not ignored): wh
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import io
+import os
 import re
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -40,9 +42,34 @@ def repository_files() -> frozenset[str]:
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
         capture_output=True,
-        check=True,
-    ).stdout.decode()
-    return frozenset(path for path in listed.split("\0") if path and (ROOT / path).is_file())
+    )
+    if listed.returncode != 0:  # a copy without .git, as a GPU machine receives the checkout
+        return files_not_ignored()
+    return frozenset(path for path in listed.stdout.decode().split("\0") if path and (ROOT / path).is_file())
+
+
+def files_not_ignored() -> frozenset[str]:
+    """The files under ROOT that no .gitignore names (patterns relative to the .gitignore's folder)."""
+    rules: list[tuple[str, str]] = []  # (folder relative to ROOT, pattern)
+    files = set()
+    for folder, subfolders, names in os.walk(ROOT):
+        here = Path(folder).relative_to(ROOT).as_posix()
+        if ".gitignore" in names:
+            lines = (Path(folder) / ".gitignore").read_text().splitlines()
+            rules.extend((here, line.strip().strip("/")) for line in lines if line.strip() and line[0] != "#")
+
+        def ignored(name: str, here: str = here) -> bool:
+            path = f"{here}/{name}".removeprefix("./")
+            for base, pattern in rules:
+                inside = path if base == "." else path.removeprefix(base + "/")
+                if inside != path or base == ".":
+                    if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(inside, pattern):
+                        return True
+            return False
+
+        subfolders[:] = [name for name in subfolders if name != ".git" and not ignored(name)]
+        files |= {f"{here}/{name}".removeprefix("./") for name in names if not ignored(name)}
+    return frozenset(files)
 
 
 @functools.cache
