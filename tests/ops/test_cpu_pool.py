@@ -1,5 +1,6 @@
-"""The CPU kernels' thread pool (csrc/cpu_pool.cpp): the same results on any number of threads, from
-concurrent callers and in a forked child."""
+"""The CPU kernels' threads (csrc/cpu_pool.cpp): tasks on torch's intra-op threads (the team) or on the
+library's own pool, chosen per call. The same results on any number of threads and on either route, errors
+rethrown, nested calls inline, concurrent callers, a forked child, and the adaptive choice's rule."""
 
 from __future__ import annotations
 
@@ -10,12 +11,27 @@ import pytest
 import torch
 
 import symkernels
+from symkernels import _native
 from tests.testing import implementation_for, make_logits
+
+ROUTES = ("adaptive", "team", "pool")
 
 
 @pytest.fixture(autouse=True)
 def native_cpu():
     implementation_for("cpu")  # fails (never skips) when the native CPU kernels are missing
+    threads = torch.get_num_threads()
+    yield
+    _native.library().set_cpu_task_threads("adaptive")
+    torch.set_num_threads(threads)
+
+
+def _route(choice: str) -> None:
+    _native.library().set_cpu_task_threads(choice)
+
+
+def _counts() -> dict[str, int]:
+    return _native.library().cpu_task_counts()
 
 
 def _stacks() -> list[torch.Tensor]:
@@ -49,19 +65,67 @@ def _assert_identical(got: list[torch.Tensor], expected: list[torch.Tensor]) -> 
         assert torch.equal(g, e)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """Each matrix is computed by one thread from start to end: bitwise the same on 1, 2 and 4 threads."""
+@pytest.mark.parametrize("route", ROUTES)
+def test_results_do_not_depend_on_the_thread_count(route):
+    """Each matrix is computed by one thread from start to end: bitwise the same on 1, 2 and 4 threads, on
+    torch's threads and on the pool."""
     stacks = _stacks()
     one = _with_threads(1, lambda: _forward_backward(stacks))
+    _route(route)
     for threads in (2, 4):
         _assert_identical(_with_threads(threads, lambda: _forward_backward(stacks)), one)
 
 
-def test_concurrent_callers():
-    """Calls from several Python threads at once (one holds the workers, the others run alone) all finish with
+@pytest.mark.parametrize("route", ("team", "pool"))
+def test_a_forced_route_runs_every_parallel_call(route):
+    _route(route)
+    before = _counts()
+    _with_threads(2, lambda: _forward_backward(_stacks()))
+    after = _counts()
+    assert after[route] > before[route]
+    other = "pool" if route == "team" else "team"
+    assert after[other] == before[other]
+
+
+def test_one_thread_runs_everything_on_the_caller():
+    before = _counts()
+    _with_threads(1, lambda: _forward_backward(_stacks()))
+    after = _counts()
+    assert after["inline"] > before["inline"]
+    assert (after["team"], after["pool"]) == (before["team"], before["pool"])
+
+
+def test_an_unknown_route_is_refused():
+    with pytest.raises(ValueError, match="choice must be 'adaptive', 'team' or 'pool', got 'openmp'"):
+        _native.library().set_cpu_task_threads("openmp")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_task_error_is_rethrown_after_the_other_tasks_ran(route):
+    _route(route)
+    trace = _with_threads(2, lambda: _native.library().trace_cpu_tasks(8, 200, 0, 3))
+    assert trace["error"] == "task 3 failed"
+    assert all(thread != 0 for thread in trace["task_thread"])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_nested_calls_run_on_the_thread_of_their_task(route):
+    _route(route)
+    nested = 3
+    trace = _with_threads(2, lambda: _native.library().trace_cpu_tasks(6, 300, nested, -1))
+    assert trace["error"] == ""
+    for task, thread in enumerate(trace["task_thread"]):
+        assert thread != 0
+        assert trace["nested_thread"][task * nested : (task + 1) * nested] == [thread] * nested
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_concurrent_callers(route):
+    """Calls from several Python threads at once (one holds the helpers, the others run alone) all finish with
     the results of a call made alone."""
     stacks = _stacks()
     expected = _with_threads(2, lambda: _forward_backward(stacks))
+    _route(route)
     results: dict[int, list[torch.Tensor]] = {}
     errors: list[BaseException] = []
 
@@ -98,28 +162,66 @@ def _fork_forward() -> torch.Tensor:
 
 
 def _child(queue) -> None:
-    queue.put(_fork_forward().numpy())
+    result = _fork_forward()
+    queue.put((result.numpy(), _counts()))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork()")
-def test_forked_child_runs_the_kernels():
-    """A child forked after the parent's workers ran has none of them: its calls still finish, and give the
-    parent's result."""
+def test_forked_child_runs_the_kernels_on_the_pool():
+    """A child forked after the parent's calls ran on torch's threads has neither those threads nor the pool's
+    workers: its calls, the team route asked for, run on a pool of its own, and give the parent's result."""
+    _route("team")
 
-    def fork_and_run() -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    def fork_and_run():
+        before = _counts()
         expected = _fork_forward()
+        assert _counts()["team"] > before["team"]  # the parent's OpenMP team exists
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
         child = context.Process(target=_child, args=(queue,))
         child.start()
         try:
-            got = torch.from_numpy(queue.get(timeout=120))
+            got, counts = queue.get(timeout=120)
         finally:
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
-        return got, expected, child.exitcode
+        return torch.from_numpy(got), counts, expected, child.exitcode
 
-    got, expected, exitcode = _with_threads(2, fork_and_run)
+    got, counts, expected, exitcode = _with_threads(2, fork_and_run)
     assert exitcode == 0
     assert torch.equal(got, expected)
+    assert counts["team"] == 0
+    assert counts["pool"] > 0
+
+
+def test_adaptive_choice_moves_to_the_pool_after_a_stall_and_back():
+    """A team call that waited 200 us or more at its end sends the calls to the pool for 200 ms; a stall
+    within 1 s of the team's return doubles that (up to 2 s); an isolated stall starts again at 200 ms."""
+    calls = [  # (time in ms, the team's wait in us)
+        (0, 10),  # team
+        (1, 500),  # team, stalls: pool until 201
+        (100, 0),
+        (200, 0),
+        (201, 10),  # team again
+        (300, 500),  # stalls 99 ms after the team's return: pool for 400 ms, until 700
+        (699, 0),
+        (700, 500),  # stalls at once: 800 ms, until 1500
+        (1500, 10),
+        (2600, 500),  # 1.1 s after the team's return: isolated, 200 ms, until 2800
+        (2799, 0),
+        (2800, 10),
+    ]
+    expected = [True, True, False, False, True, True, False, True, True, True, False, True]
+    assert _native.library().replay_cpu_task_choices(calls) == expected
+
+
+def test_adaptive_backoff_is_capped():
+    # Stalls each time the team gets the calls back: 200, 400, 800, 1600 ms, then 2000 ms each.
+    returns = [0, 200, 600, 1400, 3000, 5000, 7000]
+    calls = []
+    for start, end in zip(returns, returns[1:], strict=False):
+        calls += [(start, 500), (end - 1, 0)]
+    calls.append((returns[-1], 0))
+    choices = _native.library().replay_cpu_task_choices(calls)
+    assert choices == [True, False] * (len(returns) - 1) + [True]
