@@ -86,6 +86,7 @@ LOADS = ("quiet", "busy")
 POLICIES = ("default", "passive")
 HELPERS = ("adaptive", "team", "pool")
 SCHEDULES = ("after-torch", "back-to-back")
+SETTLE_S = 0.05  # before each back-to-back block: libgomp's idle workers spin for a few ms, then sleep
 BUSY_LOOP = "while True: pass"
 # Acceptance: the tolerance paths at least this many times faster than the authors' loop (quiet, 2 threads),
 # and 2 threads at most this many times slower than 1 with a competing process (default policy, adaptive).
@@ -136,7 +137,8 @@ class Inputs:
 
 def _burst(inputs: Inputs, providers: list[str], reps: int, schedule: str) -> dict[str, list[float]]:
     """``reps`` forward + backward passes of every provider (after one warm-up each), in the given schedule:
-    the providers in turn call by call (*after-torch*), or each provider's calls in a row (*back-to-back*)."""
+    the providers in turn call by call (*after-torch*), or each provider's calls in a row, after a pause
+    (*back-to-back*)."""
     times: dict[str, list[float]] = {provider: [] for provider in providers}
     if schedule == "after-torch":
         for provider in providers:
@@ -146,6 +148,7 @@ def _burst(inputs: Inputs, providers: list[str], reps: int, schedule: str) -> di
                 times[provider].append(inputs.time_ms(provider))
     elif schedule == "back-to-back":
         for provider in providers:
+            time.sleep(SETTLE_S)  # torch's idle OpenMP workers stop spinning and sleep
             inputs.time_ms(provider)
             times[provider] = [inputs.time_ms(provider) for _ in range(reps)]
     else:
@@ -419,20 +422,20 @@ def _markdown(environment: dict, rows: list[dict]) -> str:
         )
         + ". Init: the paper's U[0, 1); sharp: N(0, 3²).",
         "",
-        "*Schedule*: *after-torch*, the providers in turn call by call, so that every native call "
-        "follows torch's own parallel work (the authors' loop) within a millisecond or two, as in a training "
-        "step; "
-        "*back-to-back*, each provider's calls in a row. *quiet*: no competitor started by the benchmark (the "
-        "machine's other load is in the load column); *busy*: one extra process running `while True: pass`. "
+        "*Schedule*: *after-torch*, the providers in turn call by call, so that every native call follows"
+        " torch's own parallel work (the authors' loop) within a millisecond or two, as in a training "
+        f"step; *back-to-back*, each provider's calls in a row, after a {SETTLE_S * 1e3:.0f} ms pause "
+        "(torch's idle workers asleep). *quiet*: no competitor started by the benchmark (the machine's "
+        "other load is in the load column); *busy*: one extra process running `while True: pass`. "
         "*helpers*: where the native kernels take their helper threads (*adaptive*: the default, torch's "
         "intra-op threads until one joins late, then the library's own pool for a while; *team*: always "
-        "torch's threads; *pool*: always the library's workers). *policy*: `OMP_WAIT_POLICY` of the timed "
-        "process (*default*: unset; *passive*: `PASSIVE`). Each time is the mean of a burst's calls "
-        "(stalls included), median over rounds; *x authors*: the authors' loop's mean over the provider's in the same "
-        "burst, median over rounds. Native calls: the parallel calls of the native kernels by where their "
-        "tasks ran (team, pool, or inline on the caller: one task, or one thread), and the team calls that "
-        "stalled (waited for a late thread). Load: 1-minute load average before and after each burst, "
-        "min-max.",
+        "torch's threads; *pool*: always the library's workers). *policy*: `OMP_WAIT_POLICY` of the timed"
+        " process (*default*: unset; *passive*: `PASSIVE`). Each time is the mean of a burst's calls "
+        "(stalls included), median over rounds; *x authors*: the authors' loop's mean over the provider's"
+        " in the same burst, median over rounds. Native calls: the parallel calls of the native kernels "
+        "by where their tasks ran (team, pool, or inline on the caller: one task, or one thread), and the"
+        " team calls that stalled (waited for a late thread). Load: 1-minute load average before and "
+        "after each burst, min-max (the benchmark's own process and its competitor count).",
         "",
         "## Acceptance (default wait policy, adaptive helpers)",
         "",
