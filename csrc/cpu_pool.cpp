@@ -1,16 +1,21 @@
 // The CPU kernels' threads (see cpu_pool.h).
 #include "cpu_pool.h"
 
+#include "cpu_task_choice.h"
+#include "omp_quiet.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 #include <thread>
 
@@ -20,20 +25,6 @@
 
 namespace symkernels {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-using std::chrono::milliseconds;
-
-// A team call stalled when it waited this long after its last task had finished for a member to reach the
-// region's end. A member that was spinning arrives within microseconds and one that slept within tens; one whose
-// core another process holds waits for the scheduler to run it, milliseconds.
-constexpr Clock::duration kStall = std::chrono::microseconds(200);
-// After a stall the pool runs the calls for kFirstBackoff; when the team stalls again within kStallMemory of
-// getting them back, for twice as long as the last time, up to kMaxBackoff. A stall costs milliseconds and a team
-// call gains tens of microseconds, so the team is tried again only rarely while stalls keep coming.
-constexpr Clock::duration kFirstBackoff = milliseconds(200);
-constexpr Clock::duration kMaxBackoff = milliseconds(2000);
-constexpr Clock::duration kStallMemory = milliseconds(1000);
 
 thread_local bool t_in_task = false;
 
@@ -140,29 +131,11 @@ class Pool {
   int workers_ = 0;
 };
 
-// Picks the team or the pool for each call (see cpu_pool.h). Used only by the call that holds the helpers.
-class Chooser {
- public:
-  bool team_now(Clock::time_point now) const { return now >= pool_until_; }
-
-  void record_team_call(Clock::duration waited, Clock::time_point now) {
-    if (waited < kStall) return;
-    const bool again = stalled_before_ && now - pool_until_ < kStallMemory;
-    backoff_ = again ? std::min(2 * backoff_, kMaxBackoff) : kFirstBackoff;
-    pool_until_ = now + backoff_;
-    stalled_before_ = true;
-  }
-
- private:
-  Clock::time_point pool_until_{};
-  Clock::duration backoff_ = kFirstBackoff;
-  bool stalled_before_ = false;
-};
-
 // Everything a process has; a forked child replaces it with a fresh one (see new_state_after_fork).
 struct State {
   Pool pool;
-  Chooser chooser;
+  TaskChoice choice;  // used only by the call that holds the helpers
+  OmpQuiet quiet;
   std::atomic<bool> held{false};  // a call holds the helpers
   bool team_usable = true;
   std::atomic<int64_t> inline_calls{0};
@@ -171,7 +144,30 @@ struct State {
   std::atomic<int64_t> team_stalls{0};
 };
 
-std::atomic<TaskThreads> g_choice{TaskThreads::kAdaptive};
+// SYMKERNELS_CPU_THREADS, read once: adaptive (or unset), team or pool; anything else is reported by every
+// parallel call until set_task_threads chooses.
+struct FromEnvironment {
+  TaskThreads choice = TaskThreads::kAdaptive;
+  std::string error;
+};
+
+FromEnvironment read_environment() {
+  FromEnvironment out;
+  const char* value = std::getenv("SYMKERNELS_CPU_THREADS");
+  if (value == nullptr || std::string(value) == "adaptive" || std::string(value).empty()) return out;
+  if (std::string(value) == "team") {
+    out.choice = TaskThreads::kTeam;
+  } else if (std::string(value) == "pool") {
+    out.choice = TaskThreads::kPool;
+  } else {
+    out.error = std::string("SYMKERNELS_CPU_THREADS must be 'adaptive', 'team' or 'pool', got '") + value + "'";
+  }
+  return out;
+}
+
+const FromEnvironment g_environment = read_environment();
+std::atomic<TaskThreads> g_choice{g_environment.choice};
+std::atomic<bool> g_choice_set{false};  // set_task_threads was called: the environment's error no longer counts
 std::atomic<State*> g_state{nullptr};
 
 // A forked child has none of the parent's workers, and the parent's pool may be locked forever there: the child
@@ -215,15 +211,19 @@ void parallel_tasks(int64_t num_tasks, const std::function<void(int64_t)>& task)
     ~Release() { held.store(false, std::memory_order_release); }
   } release{s.held};
 
+  if (!g_environment.error.empty() && !g_choice_set.load(std::memory_order_relaxed)) {
+    throw std::invalid_argument(g_environment.error);
+  }
   auto tasks = std::make_shared<Tasks>(num_tasks, &task);
   const TaskThreads choice = g_choice.load(std::memory_order_relaxed);
-  const bool team = s.team_usable && (choice == TaskThreads::kTeam ||
-                                      (choice == TaskThreads::kAdaptive && s.chooser.team_now(Clock::now())));
+  const bool adaptive = choice == TaskThreads::kAdaptive;
+  const bool team = s.team_usable && (choice == TaskThreads::kTeam || (adaptive && s.choice.team_now(Clock::now())));
   if (team) {
     s.team_calls.fetch_add(1, std::memory_order_relaxed);
     const Clock::duration waited = run_on_team(*tasks, threads);
     if (waited >= kStall) s.team_stalls.fetch_add(1, std::memory_order_relaxed);
-    s.chooser.record_team_call(waited, Clock::now());
+    const bool quiet = s.choice.record_team_call(waited, Clock::now());
+    if (adaptive && quiet) s.quiet.hold_until(s.choice.quiet_until(), at::get_num_threads());
   } else {
     s.pool_calls.fetch_add(1, std::memory_order_relaxed);
     s.pool.run(tasks, static_cast<int>(threads - 1));
@@ -233,6 +233,8 @@ void parallel_tasks(int64_t num_tasks, const std::function<void(int64_t)>& task)
 
 void set_task_threads(TaskThreads choice) {
   g_choice.store(choice, std::memory_order_relaxed);
+  g_choice_set.store(true, std::memory_order_relaxed);
+  if (choice != TaskThreads::kAdaptive) state().quiet.release();  // only the adaptive choice quiets
 }
 
 TaskThreads task_threads() {
@@ -240,12 +242,13 @@ TaskThreads task_threads() {
 }
 
 TaskCounts task_counts() {
-  const State& s = state();
+  State& s = state();
   TaskCounts counts;
   counts.inline_calls = s.inline_calls.load(std::memory_order_relaxed);
   counts.team_calls = s.team_calls.load(std::memory_order_relaxed);
   counts.pool_calls = s.pool_calls.load(std::memory_order_relaxed);
   counts.team_stalls = s.team_stalls.load(std::memory_order_relaxed);
+  counts.quiet_starts = s.quiet.starts();
   return counts;
 }
 
@@ -277,19 +280,24 @@ TaskTrace trace_parallel_tasks(int64_t num_tasks, int64_t task_us, int64_t neste
   return trace;
 }
 
-std::vector<bool> replay_choices(const std::vector<std::pair<double, double>>& calls) {
-  Chooser chooser;
-  std::vector<bool> team;
+bool hold_quiet_for_test(Clock::duration duration) {
+  return state().quiet.hold_until(Clock::now() + duration, at::get_num_threads());
+}
+
+std::vector<std::pair<bool, bool>> replay_choices(const std::vector<std::pair<double, double>>& calls) {
+  TaskChoice choice;
+  std::vector<std::pair<bool, bool>> out;
   for (const auto& [time_ms, waited_us] : calls) {
     const Clock::time_point now{
         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(time_ms))};
-    team.push_back(chooser.team_now(now));
-    if (team.back()) {
-      chooser.record_team_call(
+    const bool team = choice.team_now(now);
+    if (team) {
+      choice.record_team_call(
           std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::micro>(waited_us)), now);
     }
+    out.emplace_back(team, choice.quiet_now(now));
   }
-  return team;
+  return out;
 }
 
 }  // namespace symkernels

@@ -7,12 +7,15 @@
 //   waiting although the tasks are done.
 // - the pool: workers of our own that sleep on a condition variable when idle and are never waited for (one that
 //   wakes after the tasks are gone has nothing to do), so a busy core delays only the task its worker holds.
-// By default the team runs the calls until one waits at the region's end for a late member (a stall: another
-// process holds a core); the pool then runs them for a while (a short time after an isolated stall, doubling
-// while stalls keep coming back) before the team is tried again. A forked child uses the pool only: the OpenMP
-// threads of the parent are gone there and its next parallel region may never end.
+// By default (adaptive) the team runs the calls until one waits at the region's end for a late member (a stall);
+// the pool then runs them for a while (cpu_task_choice.h). When stalls keep coming back, another process holds a
+// core, and torch's idle OpenMP workers, which spin after each of torch's own parallel regions, take the cores
+// from the threads that work: they are quieted for a while (omp_quiet.h). SYMKERNELS_CPU_THREADS=team or pool
+// (or set_task_threads) runs every call on one route and never quiets. A forked child uses the pool only: the
+// OpenMP threads of the parent are gone there and its next parallel region may never end.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -31,13 +34,14 @@ enum class TaskThreads { kAdaptive, kTeam, kPool };
 void set_task_threads(TaskThreads choice);
 TaskThreads task_threads();
 
-// parallel_tasks calls since the process started (a forked child starts at zero), by where their tasks ran, and
-// the team calls that stalled.
+// parallel_tasks calls since the process started (a forked child starts at zero), by where their tasks ran, the
+// team calls that stalled, and how many times libgomp's idle workers were quieted.
 struct TaskCounts {
   int64_t inline_calls = 0;
   int64_t team_calls = 0;
   int64_t pool_calls = 0;
   int64_t team_stalls = 0;
+  int64_t quiet_starts = 0;
 };
 TaskCounts task_counts();
 
@@ -51,7 +55,10 @@ struct TaskTrace {
 };
 TaskTrace trace_parallel_tasks(int64_t num_tasks, int64_t task_us, int64_t nested_tasks, int64_t fail_task);
 // The adaptive choice for a sequence of calls (time in ms, and the wait in microseconds that the call would see
-// at the team region's end): for each call, whether it ran on the team (its wait is recorded only then).
-std::vector<bool> replay_choices(const std::vector<std::pair<double, double>>& calls);
+// at the team region's end): for each call, whether it ran on the team (its wait is recorded only then), and
+// whether libgomp's idle workers are to be quiet after it.
+std::vector<std::pair<bool, bool>> replay_choices(const std::vector<std::pair<double, double>>& calls);
+// Quiets libgomp's idle workers for `duration`, as the adaptive choice does; false when that cannot work here.
+bool hold_quiet_for_test(std::chrono::steady_clock::duration duration);
 
 }  // namespace symkernels
