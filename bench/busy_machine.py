@@ -13,18 +13,20 @@ Times forward + backward (``torch.autograd.grad`` with a fixed output gradient) 
 - ``reference`` (``--reference``): the eager reference per layer at sharp logits, 3 calls per burst, after
   the others (on a loaded machine its 2-thread calls take seconds: its small ops wait for both threads).
 
-The providers are interleaved call by call (a burst runs each once in turn, ``--reps`` times), so that
-every native call follows torch's parallel work within a millisecond or two, as in a training step, while
-torch's idle OpenMP workers still spin. A burst is one combination of: 1 or 2 torch threads; no competitor
-started by this script (*quiet*) or one busy competing process, ``python -c "while True: pass"`` (*busy*);
-where the native kernels take their helper threads (``--helpers``: *adaptive*, the default; *team*, always
-torch's intra-op threads; *pool*, always the library's own workers); and OpenMP's wait policy (*default*:
-unset, libgomp's idle workers spin for a while before they sleep; *passive*: ``OMP_WAIT_POLICY=PASSIVE``, they
-sleep at once). The policy is read when torch loads, so each round runs one child process per policy. Rounds
-repeat everything, so that a change in the machine's other load touches all situations alike; every burst
-records the load (1-minute load average and runnable processes, from /proc) and the native calls by where
-their tasks ran (inline: on the caller alone; team; pool) with the team calls that stalled (waited for a late
-thread).
+A burst times every provider ``--reps`` times in one of two schedules: *after-torch*, the providers in turn
+call by call, so that every native call follows torch's parallel work within a millisecond or two, as in a
+training step, while torch's idle OpenMP workers still spin; *back-to-back*, each provider's calls in a row,
+after a pause in which those workers fall asleep. A burst is one combination of: the schedule; 1 or 2 torch
+threads; no competitor started by this script (*quiet*) or one busy competing process, ``python -c "while
+True: pass"`` (*busy*); where the native kernels take their helper threads (``--helpers``: *adaptive*, the
+default, which also quiets torch's idle OpenMP workers while stalls recur; *team*, always torch's intra-op
+threads; *pool*, always the library's own workers); and OpenMP's wait policy (*default*: unset, libgomp's idle
+workers spin for a while before they sleep; *passive*: ``OMP_WAIT_POLICY=PASSIVE``, they sleep at once). The
+policy is read when torch loads, so each round runs one child process per policy and thread count (see
+``measure``). Rounds repeat everything, so that a change in the machine's other load touches all situations
+alike; every burst records the load (1-minute load average and runnable processes, from /proc) and the native
+calls by where their tasks ran (inline: on the caller alone; team; pool), the team calls that stalled (waited
+for a late thread) and the times torch's idle workers were quieted.
 
     python bench/busy_machine.py [--rounds 9] [--reps 40] [--helpers adaptive,team,pool] [--reference]
 
@@ -326,7 +328,9 @@ def _cell(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def _calls_text(calls: dict[str, int]) -> str:
-    return f"{calls['team']}/{calls['pool']}/{calls['inline']} ({calls['team_stalls']})"
+    return (
+        f"{calls['team']}/{calls['pool']}/{calls['inline']} ({calls['team_stalls']}, {calls['quiet_starts']})"
+    )
 
 
 def _acceptance(rows: list[dict]) -> list[str]:
@@ -368,7 +372,7 @@ def _helpers_table(rows: list[dict], policy: str, schedule: str) -> list[str]:
     lines = [
         "| helpers | load | threads | "
         + " | ".join(f"{p} ms" + ("" if p == BASELINE else " (x authors)") for p in providers)
-        + " | native calls team/pool/inline (stalls) | load avg 1m |",
+        + " | native calls team/pool/inline (stalls, quiets) | load avg 1m |",
         "| --- | --- | ---: | " + " | ".join("---:" for _ in providers) + " | ---: | ---: |",
     ]
     for choice in choices:
@@ -428,13 +432,15 @@ def _markdown(environment: dict, rows: list[dict]) -> str:
         "(torch's idle workers asleep). *quiet*: no competitor started by the benchmark (the machine's "
         "other load is in the load column); *busy*: one extra process running `while True: pass`. "
         "*helpers*: where the native kernels take their helper threads (*adaptive*: the default, torch's "
-        "intra-op threads until one joins late, then the library's own pool for a while; *team*: always "
+        "intra-op threads until one joins late, then the library's own pool for a while, and torch's idle "
+        "OpenMP workers quieted for a while when that recurs; *team*: always "
         "torch's threads; *pool*: always the library's workers). *policy*: `OMP_WAIT_POLICY` of the timed"
         " process (*default*: unset; *passive*: `PASSIVE`). Each time is the mean of a burst's calls "
         "(stalls included), median over rounds; *x authors*: the authors' loop's mean over the provider's"
         " in the same burst, median over rounds. Native calls: the parallel calls of the native kernels "
         "by where their tasks ran (team, pool, or inline on the caller: one task, or one thread), and the"
-        " team calls that stalled (waited for a late thread). Load: 1-minute load average before and "
+        " team calls that stalled (waited for a late thread), with the times torch's idle workers were "
+        "quieted. Load: 1-minute load average before and "
         "after each burst, min-max (the benchmark's own process and its competitor count).",
         "",
         "## Acceptance (default wait policy, adaptive helpers)",

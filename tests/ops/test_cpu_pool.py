@@ -4,8 +4,13 @@ rethrown, nested calls inline, concurrent callers, a forked child, and the adapt
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -195,6 +200,11 @@ def test_forked_child_runs_the_kernels_on_the_pool():
     assert counts["pool"] > 0
 
 
+def _replay(calls: list[tuple[float, float]]) -> list[tuple[bool, bool]]:
+    """(team?, quiet after it?) for calls (time in ms, the team's wait in us)."""
+    return [tuple(choice) for choice in _native.library().replay_cpu_task_choices(calls)]
+
+
 def test_adaptive_choice_moves_to_the_pool_after_a_stall_and_back():
     """A team call that waited 200 us or more at its end sends the calls to the pool for 200 ms; a stall
     within 1 s of the team's return doubles that (up to 2 s); an isolated stall starts again at 200 ms."""
@@ -213,7 +223,7 @@ def test_adaptive_choice_moves_to_the_pool_after_a_stall_and_back():
         (2800, 10),
     ]
     expected = [True, True, False, False, True, True, False, True, True, True, False, True]
-    assert _native.library().replay_cpu_task_choices(calls) == expected
+    assert [team for team, _ in _replay(calls)] == expected
 
 
 def test_adaptive_backoff_is_capped():
@@ -223,5 +233,81 @@ def test_adaptive_backoff_is_capped():
     for start, end in zip(returns, returns[1:], strict=False):
         calls += [(start, 500), (end - 1, 0)]
     calls.append((returns[-1], 0))
-    choices = _native.library().replay_cpu_task_choices(calls)
-    assert choices == [True, False] * (len(returns) - 1) + [True]
+    assert [team for team, _ in _replay(calls)] == [True, False] * (len(returns) - 1) + [True]
+
+
+def test_recurring_stalls_quiet_torchs_idle_workers_for_a_while():
+    """The first stall only moves the calls to the pool; one that comes back within 1 s of the team's return
+    quiets libgomp's idle workers for 10 s, for twice as long when they stall again within 60 s of that
+    ending, and an isolated stall does not."""
+    calls = [
+        (0, 500),  # stall: pool until 200, no quiet
+        (200, 500),  # again: quiet until 10,200
+        (5000, 0),
+        (10199, 0),
+        (10200, 0),  # the quiet is over
+        (20000, 500),  # isolated stall: no quiet
+        (20200, 500),  # again, 10 s after the last quiet ended: 20 s, until 40,200
+        (40199, 0),
+        (40200, 0),
+    ]
+    quiet = [q for _, q in _replay(calls)]
+    assert quiet == [False, True, True, True, False, False, True, True, False]
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_quiet_parks_an_openmp_team_and_lets_it_go():
+    """Quieting runs a parallel region on a thread of its own and keeps it (and its team) until the time is
+    up; the forced routes end it at once."""
+    library = _native.library()
+    torch.set_num_threads(os.cpu_count())  # the team it needs then has 2 threads
+    torch.ones(1 << 20).exp_()  # torch's own team exists
+    before, starts = _threads(), _counts()["quiet_starts"]
+    assert library.hold_cpu_quiet(60_000)
+    assert _wait_for(lambda: _counts()["quiet_starts"] == starts + 1)
+    assert _threads() == before + 2  # the parked thread and its team's worker
+    _route("pool")  # ends the quiet
+    assert _wait_for(lambda: _threads() == before)
+    assert library.hold_cpu_quiet(50)
+    assert _wait_for(lambda: _counts()["quiet_starts"] == starts + 2)
+    assert _wait_for(lambda: _threads() == before)  # over after 50 ms
+
+
+def _run_with_environment(value: str) -> subprocess.CompletedProcess:
+    script = (
+        "import torch, symkernels\n"
+        "from symkernels import _native\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.rand(300, 9, 9)\n"
+        "symkernels.grouped_sinkhorn([x], 20, backend='cpu')\n"
+        "print(_native.library().cpu_task_counts())\n"
+    )
+    environment = {**os.environ, "SYMKERNELS_CPU_THREADS": value}
+    return subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+
+
+def test_the_environment_chooses_the_route():
+    result = _run_with_environment("pool")
+    assert result.returncode == 0, result.stderr
+    counts = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert counts["pool"] > 0
+    assert counts["team"] == 0
+
+
+def test_a_bad_environment_value_is_reported():
+    result = _run_with_environment("openmp")
+    assert result.returncode != 0
+    assert "SYMKERNELS_CPU_THREADS must be 'adaptive', 'team' or 'pool', got 'openmp'" in result.stderr
