@@ -1,18 +1,34 @@
-"""Sinkhorn forward + backward on the CPU when another process keeps a core busy.
+"""The native CPU Sinkhorn kernels' threads on a 2-core machine: right after torch's own parallel work, and
+with a core taken by another process.
 
-For 1 and 2 torch threads, with no competitor started by this script ("quiet") and with one busy competing
-process (``python -c "while True: pass"``), times one forward + backward of the MNIST model's stack
-(3x25x25 and 4 layers of 3x100x100, T = 20, sharp logits N(0, 3²) so that every iteration runs) on the native
-CPU kernels (one grouped op call, as the model makes it), under OpenMP's default wait policy (idle workers
-spin for a while before they sleep) and under ``OMP_WAIT_POLICY=PASSIVE`` (they sleep at once). The wait
-policy is read when torch loads, so each round runs one child process per policy; the situations are
-interleaved round by round, so that a change in the machine's other load touches them alike, and the load
-(1-minute load average and the number of runnable processes, from /proc) is recorded with every burst.
+Times forward + backward (``torch.autograd.grad`` with a fixed output gradient) of the MNIST model's stack
+(3x25x25 and 4 layers of 3x100x100, T = 20, float32) for these providers:
 
-    python bench/busy_machine.py [--rounds 9] [--reps 40] [--reference]
+- ``authors``: the authors' loop per layer (an ``allclose`` test before every iteration) at the paper's
+  initialisation U[0, 1), where it stops after 2-3 iterations: torch's own parallel work;
+- ``per-stack-tol``: ``symkernels.sinkhorn(x, 20, tol=AUTHORS_TOLERANCE, stop="stack")`` per layer, the same
+  logits;
+- ``grouped-tol``: one ``symkernels.grouped_sinkhorn`` call with the same options, the same logits;
+- ``grouped``: one grouped call without a tolerance at sharp logits N(0, 3²) (every iteration runs);
+- ``reference`` (``--reference``): the eager reference per layer at sharp logits, 3 calls per burst, after
+  the others (on a loaded machine its 2-thread calls take seconds: its small ops wait for both threads).
 
-``--reference`` adds the eager reference (3 steps per burst): on a loaded machine its 2-thread steps take
-seconds, since every one of its many small ops waits for both threads.
+A burst times every provider ``--reps`` times in one of two schedules: *after-torch*, the providers in turn
+call by call, so that every native call follows torch's parallel work within a millisecond or two, as in a
+training step, while torch's idle OpenMP workers still spin; *back-to-back*, each provider's calls in a row,
+after a pause in which those workers fall asleep. A burst is one combination of: the schedule; 1 or 2 torch
+threads; no competitor started by this script (*quiet*) or one busy competing process, ``python -c "while
+True: pass"`` (*busy*); where the native kernels take their helper threads (``--helpers``: *adaptive*, the
+default, which also quiets torch's idle OpenMP workers while stalls recur; *team*, always torch's intra-op
+threads; *pool*, always the library's own workers); and OpenMP's wait policy (*default*: unset, libgomp's idle
+workers spin for a while before they sleep; *passive*: ``OMP_WAIT_POLICY=PASSIVE``, they sleep at once). The
+policy is read when torch loads, so each round runs one child process per policy and thread count (see
+``measure``). Rounds repeat everything, so that a change in the machine's other load touches all situations
+alike; every burst records the load (1-minute load average and runnable processes, from /proc) and the native
+calls by where their tasks ran (inline: on the caller alone; team; pool), the team calls that stalled (waited
+for a late thread) and the times torch's idle workers were quieted.
+
+    python bench/busy_machine.py [--rounds 9] [--reps 40] [--helpers adaptive,team,pool] [--reference]
 
 Writes ``bench/results/busy-machine-cpu.json`` (every burst) and ``bench/results/busy-machine-cpu.md``.
 
@@ -27,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -40,6 +57,8 @@ from pathlib import Path
 import torch
 
 import symkernels
+from symkernels import _native
+from symkernels.reference import sinkhorn_early_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/busy_machine.py` puts bench/, not the repository, on the path
@@ -49,16 +68,31 @@ from bench.workloads import make_stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 STEM = "busy-machine-cpu"
-WORKLOAD, REGIME, N_ITER = "mnist-wscnn", "sharp", 20
+WORKLOAD, N_ITER = "mnist-wscnn", 20
+# name -> (logit regime, what it runs)
 PROVIDERS = {
-    "cpu": "native CPU kernels, one grouped call",
-    "reference": "eager reference, one call per layer",
+    "authors": ("init", "the authors' loop per layer"),
+    "per-stack-tol": ("init", '`sinkhorn(x, 20, tol=AUTHORS_TOLERANCE, stop="stack")` per layer'),
+    "grouped-tol": ("init", "one `grouped_sinkhorn` call, the same tolerance"),
+    "grouped": ("sharp", "one `grouped_sinkhorn` call, every iteration"),
 }
+REFERENCE = "reference"
+REFERENCE_INFO = ("sharp", "the eager reference per layer")
+REFERENCE_CALLS = 3
+BASELINE = "authors"
+TOLERANCE_PATHS = ("per-stack-tol", "grouped-tol")
+NATIVE = ("per-stack-tol", "grouped-tol", "grouped")
 THREADS = (1, 2)
 LOADS = ("quiet", "busy")
 # OMP_WAIT_POLICY of the child process: unset (libgomp's default: spin, then sleep), or PASSIVE.
 POLICIES = ("default", "passive")
+HELPERS = ("adaptive", "team", "pool")
+SCHEDULES = ("after-torch", "back-to-back")
+SETTLE_S = 0.05  # before each back-to-back block: libgomp's idle workers spin for a few ms, then sleep
 BUSY_LOOP = "while True: pass"
+# Acceptance: the tolerance paths at least this many times faster than the authors' loop (quiet, 2 threads),
+# and 2 threads at most this many times slower than 1 with a competing process (default policy, adaptive).
+MIN_SPEEDUP, MAX_BUSY_RATIO = 3.0, 1.15
 
 
 def _load_now() -> dict[str, float]:
@@ -68,22 +102,65 @@ def _load_now() -> dict[str, float]:
     return {"loadavg_1m": float(fields[0]), "runnable": running}
 
 
-def _step(provider: str, logits: list[torch.Tensor]) -> None:
-    if provider == "cpu":
-        outputs = symkernels.grouped_sinkhorn(logits, N_ITER, backend="cpu", check_finite=False)
-    else:
-        outputs = [symkernels.sinkhorn(x, N_ITER, backend="reference", check_finite=False) for x in logits]
-    torch.autograd.backward([o.sum() for o in outputs])
+def _forward(provider: str, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    tolerance = {"tol": symkernels.AUTHORS_TOLERANCE, "stop": "stack"}
+    if provider == "authors":
+        return [sinkhorn_early_exit(x, N_ITER) for x in logits]
+    if provider == "per-stack-tol":
+        return [symkernels.sinkhorn(x, N_ITER, backend="cpu", **tolerance) for x in logits]
+    if provider == "grouped-tol":
+        return symkernels.grouped_sinkhorn(logits, N_ITER, backend="cpu", **tolerance)
+    if provider == "grouped":
+        return symkernels.grouped_sinkhorn(logits, N_ITER, backend="cpu")
+    if provider == REFERENCE:
+        return [symkernels.sinkhorn(x, N_ITER, backend="reference") for x in logits]
+    raise ValueError(f"unknown provider {provider!r}")
 
 
-def _burst(provider: str, logits: list[torch.Tensor], reps: int) -> list[float]:
-    _step(provider, logits)  # warm-up: wakes the thread pool at this thread count
-    times = []
-    for _ in range(reps):
+class Inputs:
+    """Per logit regime, the stack's logits (requiring grad) and a fixed output gradient for each layer."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.logits = {}
+        self.grads = {}
+        for regime in ("init", "sharp"):
+            self.logits[regime] = [x.requires_grad_(True) for x in make_stack(WORKLOAD, regime)]
+            self.grads[regime] = [torch.randn(x.shape, generator=generator) for x in self.logits[regime]]
+
+    def time_ms(self, provider: str) -> float:
+        """One forward + backward of ``provider``, in milliseconds."""
+        regime = REFERENCE_INFO[0] if provider == REFERENCE else PROVIDERS[provider][0]
+        logits, grads = self.logits[regime], self.grads[regime]
         start = time.perf_counter()
-        _step(provider, logits)
-        times.append((time.perf_counter() - start) * 1e3)
+        torch.autograd.grad(_forward(provider, logits), logits, grads)
+        return (time.perf_counter() - start) * 1e3
+
+
+def _burst(inputs: Inputs, providers: list[str], reps: int, schedule: str) -> dict[str, list[float]]:
+    """``reps`` forward + backward passes of every provider (after one warm-up each), in the given schedule:
+    the providers in turn call by call (*after-torch*), or each provider's calls in a row, after a pause
+    (*back-to-back*)."""
+    times: dict[str, list[float]] = {provider: [] for provider in providers}
+    if schedule == "after-torch":
+        for provider in providers:
+            inputs.time_ms(provider)
+        for _ in range(reps):
+            for provider in providers:
+                times[provider].append(inputs.time_ms(provider))
+    elif schedule == "back-to-back":
+        for provider in providers:
+            time.sleep(SETTLE_S)  # torch's idle OpenMP workers stop spinning and sleep
+            inputs.time_ms(provider)
+            times[provider] = [inputs.time_ms(provider) for _ in range(reps)]
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
     return times
+
+
+def _counts_since(library, before: dict[str, int]) -> dict[str, int]:
+    now = library.cpu_task_counts()
+    return {key: now[key] - before[key] for key in now}
 
 
 def _start_competitor() -> subprocess.Popen:
@@ -97,30 +174,47 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def measure_round(reps: int, providers: list[str]) -> list[dict]:
-    """One round in this process: every load, thread count and provider, one burst each."""
-    logits = [x.requires_grad_(True) for x in make_stack(WORKLOAD, REGIME)]
+def measure_round(reps: int, threads: int, helpers: list[str], reference: bool) -> list[dict]:
+    """One round in this process at ``threads`` threads: every load, helper choice and schedule, one burst
+    each."""
+    torch.set_num_threads(threads)
+    library = _native.library()
+    inputs = Inputs()
     bursts = []
+
+    def burst(load: str, choice: str | None, schedule: str, providers: list[str], n: int) -> None:
+        before, counts = _load_now(), library.cpu_task_counts()
+        times = _burst(inputs, providers, n, schedule)
+        bursts.append(
+            {
+                "load": load,
+                "threads": threads,
+                "helpers": choice,
+                "schedule": schedule,
+                "providers": {
+                    name: {
+                        "mean_ms": statistics.mean(samples),
+                        "median_ms": statistics.median(samples),
+                        "times_ms": samples,
+                    }
+                    for name, samples in times.items()
+                },
+                "native_calls": _counts_since(library, counts),
+                "load_before": before,
+                "load_after": _load_now(),
+            }
+        )
+
     for load in LOADS:
         competitor = _start_competitor() if load == "busy" else None
         try:
-            for threads in THREADS:
-                torch.set_num_threads(threads)
-                for provider in providers:
-                    n = reps if provider == "cpu" else 3
-                    before = _load_now()
-                    times = _burst(provider, logits, n)
-                    bursts.append(
-                        {
-                            "provider": provider,
-                            "threads": threads,
-                            "load": load,
-                            "median_ms": statistics.median(times),
-                            "times_ms": times,
-                            "load_before": before,
-                            "load_after": _load_now(),
-                        }
-                    )
+            for choice in helpers:
+                library.set_cpu_task_threads(choice)
+                for schedule in SCHEDULES:
+                    burst(load, choice, schedule, list(PROVIDERS), reps)
+            library.set_cpu_task_threads("adaptive")
+            if reference:
+                burst(load, None, "back-to-back", [REFERENCE], REFERENCE_CALLS)
         finally:
             if competitor is not None:
                 _stop(competitor)
@@ -128,11 +222,13 @@ def measure_round(reps: int, providers: list[str]) -> list[dict]:
     return bursts
 
 
-def measure(rounds: int, reps: int, providers: list[str]) -> list[dict]:
-    """``rounds`` rounds, each one child process per wait policy (the policy is fixed when torch loads)."""
+def measure(rounds: int, reps: int, helpers: list[str], reference: bool) -> list[dict]:
+    """``rounds`` rounds, each one child process per wait policy (fixed when torch loads) and thread count
+    (set once, before any parallel work: switching libgomp between team sizes in one process can leave
+    torch's own parallel ops far slower for a long while)."""
     bursts = []
     for round_index in range(rounds):
-        for policy in POLICIES:
+        for policy, threads in itertools.product(POLICIES, THREADS):
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
             if policy == "passive":
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -140,11 +236,15 @@ def measure(rounds: int, reps: int, providers: list[str]) -> list[dict]:
                 sys.executable,
                 __file__,
                 "--child",
+                "--threads",
+                str(threads),
                 "--reps",
                 str(reps),
-                "--providers",
-                ",".join(providers),
+                "--helpers",
+                ",".join(helpers),
             ]
+            if reference:
+                command.append("--reference")
             child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             for burst in json.loads(child.stdout):
                 bursts.append({"round": round_index, "policy": policy, **burst})
@@ -152,31 +252,50 @@ def measure(rounds: int, reps: int, providers: list[str]) -> list[dict]:
     return bursts
 
 
-def summarise(bursts: list[dict], providers: list[str]) -> list[dict]:
+def _key(burst: dict) -> tuple:
+    return (burst["policy"], burst["schedule"], burst["helpers"], burst["load"], burst["threads"])
+
+
+def summarise(bursts: list[dict]) -> list[dict]:
+    """One row per (policy, schedule, helpers, load, threads, provider): the median over rounds of the
+    burst means (and medians), and the median over rounds of the authors' loop's mean over the provider's in
+    the same burst."""
+    keys = []
+    for burst in bursts:
+        for provider in burst["providers"]:
+            if (*_key(burst), provider) not in keys:
+                keys.append((*_key(burst), provider))
     rows = []
-    for provider in providers:
-        for policy in POLICIES:
-            for load in LOADS:
-                for threads in THREADS:
-                    key = (provider, policy, load, threads)
-                    mine = [b for b in bursts if (b["provider"], b["policy"], b["load"], b["threads"]) == key]
-                    medians = [b["median_ms"] for b in mine]
-                    loads = [b["load_before"]["loadavg_1m"] for b in mine]
-                    runnable = [b["load_before"]["runnable"] for b in mine]
-                    rows.append(
-                        {
-                            "provider": provider,
-                            "policy": policy,
-                            "load": load,
-                            "threads": threads,
-                            "median_ms": statistics.median(medians),
-                            "min_ms": min(medians),
-                            "max_ms": max(medians),
-                            "bursts": len(mine),
-                            "loadavg_1m": [min(loads), max(loads)],
-                            "runnable": [min(runnable), max(runnable)],
-                        }
-                    )
+    for *situation, provider in keys:
+        mine = [b for b in bursts if _key(b) == tuple(situation) and provider in b["providers"]]
+        means = [b["providers"][provider]["mean_ms"] for b in mine]
+        medians = [b["providers"][provider]["median_ms"] for b in mine]
+        speedups = [
+            b["providers"][BASELINE]["mean_ms"] / b["providers"][provider]["mean_ms"]
+            for b in mine
+            if BASELINE in b["providers"]
+        ]
+        calls: dict[str, int] = {}
+        for b in mine:
+            for name, count in b["native_calls"].items():
+                calls[name] = calls.get(name, 0) + count
+        loads = [b["load_before"]["loadavg_1m"] for b in mine] + [b["load_after"]["loadavg_1m"] for b in mine]
+        runnable = [b["load_before"]["runnable"] for b in mine]
+        rows.append(
+            {
+                **dict(zip(("policy", "schedule", "helpers", "load", "threads"), situation, strict=True)),
+                "provider": provider,
+                "mean_ms": statistics.median(means),
+                "min_mean_ms": min(means),
+                "max_mean_ms": max(means),
+                "median_ms": statistics.median(medians),
+                "speedup_vs_authors": statistics.median(speedups) if speedups else None,
+                "bursts": len(mine),
+                "native_calls": calls,
+                "loadavg_1m": [min(loads), max(loads)],
+                "runnable": [min(runnable), max(runnable)],
+            }
+        )
     return rows
 
 
@@ -196,48 +315,163 @@ def _environment(args: argparse.Namespace, default_threads: int) -> dict:
         "symkernels": symkernels.__version__,
         "commit": commit,
         "torch_default_threads": default_threads,
-        "workload": f"{WORKLOAD} ({REGIME} logits), T = {N_ITER}, float32, forward + backward",
-        "command": f"python bench/busy_machine.py --rounds {args.rounds} --reps {args.reps}"
-        + (" --reference" if args.reference else ""),
+        "workload": f"{WORKLOAD}, T = {N_ITER}, float32, forward + backward",
+        "command": f"python bench/busy_machine.py --rounds {args.rounds} --reps {args.reps} "
+        f"--helpers {args.helpers}" + (" --reference" if args.reference else ""),
     }
 
 
-def _markdown(environment: dict, rows: list[dict]) -> str:
+def _cell(rows: list[dict]) -> dict[tuple, dict]:
+    return {
+        (r["policy"], r["schedule"], r["helpers"], r["load"], r["threads"], r["provider"]): r for r in rows
+    }
+
+
+def _calls_text(calls: dict[str, int]) -> str:
+    return (
+        f"{calls['team']}/{calls['pool']}/{calls['inline']} ({calls['team_stalls']}, {calls['quiet_starts']})"
+    )
+
+
+def _acceptance(rows: list[dict]) -> list[str]:
+    cell = _cell(rows)
+    lines = []
+    for schedule in SCHEDULES:
+        speedups = []
+        for provider in TOLERANCE_PATHS:
+            row = cell.get(("default", schedule, "adaptive", "quiet", 2, provider))
+            if row is not None:
+                speedups.append(f"{provider} {row['speedup_vs_authors']:.2f}x")
+        if speedups:
+            lines.append(
+                f"- {schedule}, quiet, 2 threads: {', '.join(speedups)} the authors' loop "
+                f"(target: at least {MIN_SPEEDUP:g}x)."
+            )
+        ratios = []
+        for provider in (*NATIVE, BASELINE):
+            one = cell.get(("default", schedule, "adaptive", "busy", 1, provider))
+            two = cell.get(("default", schedule, "adaptive", "busy", 2, provider))
+            if one is not None and two is not None:
+                ratios.append(
+                    f"{provider} {two['mean_ms']:.3f} / {one['mean_ms']:.3f} ms = "
+                    f"{two['mean_ms'] / one['mean_ms']:.2f}x"
+                )
+        if ratios:
+            lines.append(
+                f"- {schedule}, busy (one competing process), 2 threads over 1: "
+                + "; ".join(ratios)
+                + f" (target for the native paths: at most {MAX_BUSY_RATIO:g}x)."
+            )
+    return lines
+
+
+def _helpers_table(rows: list[dict], policy: str, schedule: str) -> list[str]:
+    cell = _cell(rows)
+    choices = [c for c in HELPERS if any((r["helpers"], r["policy"]) == (c, policy) for r in rows)]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     lines = [
-        "# Sinkhorn forward + backward on a busy 2-core machine",
+        "| helpers | load | threads | "
+        + " | ".join(f"{p} ms" + ("" if p == BASELINE else " (x authors)") for p in providers)
+        + " | native calls team/pool/inline (stalls, quiets) | load avg 1m |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in providers) + " | ---: | ---: |",
+    ]
+    for choice in choices:
+        for load in LOADS:
+            for threads in THREADS:
+                found = [cell.get((policy, schedule, choice, load, threads, p)) for p in providers]
+                if any(row is None for row in found):
+                    continue
+                texts = []
+                for provider, row in zip(providers, found, strict=True):
+                    text = f"{row['mean_ms']:.3f}"
+                    if provider != BASELINE:
+                        text += f" ({row['speedup_vs_authors']:.2f}x)"
+                    texts.append(text)
+                load_range = found[0]["loadavg_1m"]
+                lines.append(
+                    f"| {choice} | {load} | {threads} | "
+                    + " | ".join(texts)
+                    + f" | {_calls_text(found[0]['native_calls'])} "
+                    + f"| {load_range[0]:.2f}-{load_range[1]:.2f} |"
+                )
+    lines.append("")
+    for choice in choices:
+        parts = []
+        for provider in (*NATIVE, BASELINE):
+            for load in LOADS:
+                one = cell.get((policy, schedule, choice, load, 1, provider))
+                two = cell.get((policy, schedule, choice, load, 2, provider))
+                if one is not None and two is not None and load == "busy":
+                    parts.append(f"{provider} {two['mean_ms'] / one['mean_ms']:.2f}x")
+        if parts:
+            lines.append(f"- {choice}, busy, 2 threads over 1: " + ", ".join(parts) + ".")
+    return lines
+
+
+def _markdown(environment: dict, rows: list[dict]) -> str:
+    described = {**{name: what for name, (_, what) in PROVIDERS.items()}, REFERENCE: REFERENCE_INFO[1]}
+    regimes = {**{name: regime for name, (regime, _) in PROVIDERS.items()}, REFERENCE: REFERENCE_INFO[0]}
+    lines = [
+        "# The native CPU Sinkhorn kernels' threads on a 2-core machine",
         "",
         f"{environment['workload']}; {environment['cpu_count']} cores ({environment['processor']}), torch "
         f"{environment['torch']}, commit {environment['commit']}, {environment['date']}. Reproduce: "
         f"`{environment['command']}`.",
         "",
-        "*quiet*: no competitor started by the benchmark (the machine's other load, if any, is in the last "
-        "columns); *busy*: one extra process running `while True: pass`. *policy*: "
-        "`OMP_WAIT_POLICY` of the timed process (*default*: unset, idle OpenMP workers spin before they "
-        "sleep; *passive*: `PASSIVE`, they sleep at once). Situations interleaved round by round; each cell "
-        "is the median over rounds of each burst's median (min-max of the burst medians in brackets). Load: "
-        "1-minute load average and runnable processes (ours included) before each burst, min-max.",
+        "Providers (logits): "
+        + "; ".join(
+            f"`{name}` ({regimes[name]}): {what}"
+            for name, what in described.items()
+            if any(r["provider"] == name for r in rows)
+        )
+        + ". Init: the paper's U[0, 1); sharp: N(0, 3²).",
         "",
-        "Providers: " + "; ".join(f"`{name}`: {what}" for name, what in PROVIDERS.items()) + ".",
+        "*Schedule*: *after-torch*, the providers in turn call by call, so that every native call follows"
+        " torch's own parallel work (the authors' loop) within a millisecond or two, as in a training "
+        f"step; *back-to-back*, each provider's calls in a row, after a {SETTLE_S * 1e3:.0f} ms pause "
+        "(torch's idle workers asleep). *quiet*: no competitor started by the benchmark (the machine's "
+        "other load is in the load column); *busy*: one extra process running `while True: pass`. "
+        "*helpers*: where the native kernels take their helper threads (*adaptive*: the default, torch's "
+        "intra-op threads until one joins late, then the library's own pool for a while, and torch's idle "
+        "OpenMP workers quieted for a while when that recurs; *team*: always "
+        "torch's threads; *pool*: always the library's workers). *policy*: `OMP_WAIT_POLICY` of the timed"
+        " process (*default*: unset; *passive*: `PASSIVE`). Each time is the mean of a burst's calls "
+        "(stalls included), median over rounds; *x authors*: the authors' loop's mean over the provider's"
+        " in the same burst, median over rounds. Native calls: the parallel calls of the native kernels "
+        "by where their tasks ran (team, pool, or inline on the caller: one task, or one thread), and the"
+        " team calls that stalled (waited for a late thread), with the times torch's idle workers were "
+        "quieted. Load: 1-minute load average before and "
+        "after each burst, min-max (the benchmark's own process and its competitor count).",
         "",
-        "| provider | policy | load | threads | ms (median) | [min-max] | load avg 1m | runnable |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "## Acceptance (default wait policy, adaptive helpers)",
+        "",
+        *_acceptance(rows),
+        "",
+    ]
+    for policy in POLICIES:
+        for schedule in SCHEDULES:
+            if any((r["policy"], r["schedule"]) == (policy, schedule) for r in rows):
+                lines += [
+                    f"## {schedule}, {policy} wait policy",
+                    "",
+                    *_helpers_table(rows, policy, schedule),
+                    "",
+                ]
+    lines += [
+        "## Every cell",
+        "",
+        "| policy | schedule | helpers | load | threads | provider | ms (mean) | [min-max] | ms (median) "
+        "| x authors | load avg 1m | runnable |",
+        "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
+        speedup = "" if row["speedup_vs_authors"] is None else f"{row['speedup_vs_authors']:.2f}"
         lines.append(
-            f"| {row['provider']} | {row['policy']} | {row['load']} | {row['threads']} | "
-            f"{row['median_ms']:.2f} | [{row['min_ms']:.2f}-{row['max_ms']:.2f}] | "
+            f"| {row['policy']} | {row['schedule']} | {row['helpers'] or '-'} | {row['load']} | "
+            f"{row['threads']} | {row['provider']} | {row['mean_ms']:.3f} | "
+            f"[{row['min_mean_ms']:.3f}-{row['max_mean_ms']:.3f}] | {row['median_ms']:.3f} | {speedup} | "
             f"{row['loadavg_1m'][0]:.2f}-{row['loadavg_1m'][1]:.2f} | "
             f"{row['runnable'][0]}-{row['runnable'][1]} |"
-        )
-    cell = {(r["provider"], r["policy"], r["load"], r["threads"]): r["median_ms"] for r in rows}
-    lines.append("")
-    for policy in POLICIES:
-        busy1, busy2 = cell[("cpu", policy, "busy", 1)], cell[("cpu", policy, "busy", 2)]
-        quiet1, quiet2 = cell[("cpu", policy, "quiet", 1)], cell[("cpu", policy, "quiet", 2)]
-        lines.append(
-            f"- Native, {policy} policy: busy, 2 threads {busy2:.2f} ms vs 1 thread {busy1:.2f} ms "
-            f"({busy2 / busy1:.2f}x); quiet, 2 threads {quiet2:.2f} ms vs 1 thread {quiet1:.2f} ms "
-            f"({quiet2 / quiet1:.2f}x)."
         )
     lines += [
         "",
@@ -357,8 +591,16 @@ def _main_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def _helpers(args: argparse.Namespace) -> list[str]:
+    choices = args.helpers.split(",")
+    unknown = [c for c in choices if c not in HELPERS]
+    if unknown:
+        raise SystemExit(f"--helpers: expected names from {', '.join(HELPERS)}, got {', '.join(unknown)}")
+    return choices
+
+
 def _child(args: argparse.Namespace) -> int:
-    print(json.dumps(measure_round(args.reps, args.providers.split(","))))
+    print(json.dumps(measure_round(args.reps, args.threads, _helpers(args), args.reference)))
     return 0
 
 
@@ -370,7 +612,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--reference", action="store_true", help="also time the eager reference")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one round, JSON on stdout
-    parser.add_argument("--providers", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # the child's
+    parser.add_argument(
+        "--helpers",
+        default=",".join(HELPERS),
+        help="where the native kernels take their helper threads, comma-separated (default: all three)",
+    )
     parser.add_argument("--train", action="store_true", help="time the default training run instead")
     parser.add_argument("--train-rounds", type=int, default=1, help="quiet/busy pairs of training runs")
     args = parser.parse_args()
@@ -382,9 +629,8 @@ def main() -> int:
     if args.child:
         return _child(args)
     environment = _environment(args, default_threads=torch.get_num_threads())
-    providers = ["cpu", "reference"] if args.reference else ["cpu"]
-    bursts = measure(args.rounds, args.reps, providers)
-    rows = summarise(bursts, providers)
+    bursts = measure(args.rounds, args.reps, _helpers(args), args.reference)
+    rows = summarise(bursts)
     RESULTS.mkdir(exist_ok=True)
     payload = {"environment": environment, "summary": rows, "bursts": bursts}
     (RESULTS / f"{STEM}.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "build_info.h"
+#include "cpu_pool.h"
 #include "expansion/expansion.h"
 #include "python_kernels.h"
 #include "sinkhorn/sinkhorn.h"
@@ -151,6 +152,66 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expand_backward", &symkernels::expand_backward, no_gil, py::arg("grad_kernel"), py::arg("reps"),
         py::arg("weight"), py::arg("kernel_size"), py::arg("leading_identity"),
         "grad_kernel [O*G, I*G_in, k, k] -> (grad_reps [G', d, d], grad_weight [O, I, d]).");
+  m.def(
+      "set_cpu_task_threads",
+      [](const std::string& choice) {
+        if (choice == "adaptive") {
+          symkernels::set_task_threads(symkernels::TaskThreads::kAdaptive);
+        } else if (choice == "team") {
+          symkernels::set_task_threads(symkernels::TaskThreads::kTeam);
+        } else if (choice == "pool") {
+          symkernels::set_task_threads(symkernels::TaskThreads::kPool);
+        } else {
+          throw py::value_error("choice must be 'adaptive', 'team' or 'pool', got '" + choice + "'");
+        }
+      },
+      py::arg("choice"),
+      "Where the CPU kernels take their helper threads: 'adaptive' (default: torch's intra-op threads until one "
+      "joins late, then the library's own pool for a while, and libgomp's idle workers quieted while stalls recur), "
+      "always 'team' (torch's) or always 'pool'. Overrides SYMKERNELS_CPU_THREADS.");
+  m.def(
+      "cpu_task_counts",
+      [] {
+        const symkernels::TaskCounts counts = symkernels::task_counts();
+        py::dict out;
+        out["inline"] = counts.inline_calls;
+        out["team"] = counts.team_calls;
+        out["pool"] = counts.pool_calls;
+        out["team_stalls"] = counts.team_stalls;
+        out["quiet_starts"] = counts.quiet_starts;
+        return out;
+      },
+      "The CPU kernels' parallel calls since the process started, by where their tasks ran (inline: on the caller "
+      "alone), the team calls that waited for a late thread, and the times libgomp's idle workers were quieted.");
+  m.def(
+      "trace_cpu_tasks",
+      [](int64_t num_tasks, int64_t task_us, int64_t nested_tasks, int64_t fail_task) {
+        symkernels::TaskTrace trace;
+        {
+          const py::gil_scoped_release no_gil_here;
+          trace = symkernels::trace_parallel_tasks(num_tasks, task_us, nested_tasks, fail_task);
+        }
+        py::dict out;
+        out["task_thread"] = trace.task_thread;
+        out["nested_thread"] = trace.nested_thread;
+        out["error"] = trace.error;
+        return out;
+      },
+      py::arg("num_tasks"), py::arg("task_us"), py::arg("nested_tasks"), py::arg("fail_task"),
+      "Test hook: one parallel call of the CPU kernels' threads over tasks that spin task_us, each running "
+      "nested_tasks inner tasks, task fail_task throwing; the thread of every task and inner task, and the error.");
+  m.def(
+      "hold_cpu_quiet",
+      [](double ms) {
+        return symkernels::hold_quiet_for_test(
+            std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double, std::milli>(ms)));
+      },
+      py::arg("ms"),
+      "Test hook: quiet libgomp's idle workers for ms milliseconds, as the adaptive choice does when stalls recur; "
+      "False when it cannot here (torch leaves CPUs free, or no OpenMP).");
+  m.def("replay_cpu_task_choices", &symkernels::replay_choices, py::arg("calls"),
+        "Test hook: for calls (time in ms, the wait in microseconds a team call would see at its end), whether the "
+        "adaptive choice ran each on torch's threads, and whether libgomp's idle workers are quiet after it.");
   m.def("set_python_kernel", &symkernels::set_python_kernel, py::arg("op"), py::arg("implementation"),
         "Register the Python implementation of op (sinkhorn, sinkhorn_backward, expand_kernel, "
         "expand_kernel_backward): the ops' CPU and CUDA kernels call it for the backends they do not compute.");

@@ -34,13 +34,16 @@ _MODULE = "symkernels._C"
 _BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _REBUILD = f"rebuild with `{_BUILD_COMMAND}`"
 # The kernels (the ops' native kernels call them; tests and benchmarks call them directly) and the hook that
-# gives the ops' registered kernels their Python implementation (symkernels.ops.sinkhorn, .expansion).
+# gives the ops' registered kernels their Python implementation (symkernels.ops.sinkhorn, .expansion), and
+# where the CPU kernels take their threads, with the calls counted by where they ran (bench/busy_machine.py).
 ENTRY_POINTS = (
     "sinkhorn_forward",
     "sinkhorn_backward",
     "expand_forward",
     "expand_backward",
     "set_python_kernel",
+    "set_cpu_task_threads",
+    "cpu_task_counts",
 )
 
 
