@@ -25,8 +25,9 @@ SYMKERNELS_INLINE void save_cols(const A* __restrict cs, int64_t n, int64_t iter
   std::fill(slab + iterations * width, slab + n_iter * width, 0.0);
 }
 
-// One matrix of the forward: P, its slab of cols (when the call saves them), its domain and iterations. In the scaling domain where it serves
-// (unless `log_only`: the small-matrix path found that it does not), else in the log domain.
+// One matrix of the forward: P, its slab of cols (when the call saves them), its domain and iterations. In the
+// scaling domain where it serves (unless `log_only`: the small-matrix path found that it does not), else in the
+// log domain.
 template <int B, typename S, typename A>
 SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, const StackView<S>& stack, int64_t m,
                                       Workspace<A>& ws, bool log_only) {
