@@ -67,6 +67,10 @@ def assert_as_accurate_as_reference(
     assert got_error <= 2 * reference_error + floor, (got_error, reference_error, floor)
 
 
+# The largest n of the native CPU kernels' small-matrix path (csrc/sinkhorn/sinkhorn_cpu.h, kMaxLaneSize).
+CPU_LANES_MAX_SIZE = 8
+
+
 @dataclass(frozen=True)
 class Implementation:
     """An implementation of the ops, where it runs, and the dtypes its tests cover."""
@@ -76,10 +80,13 @@ class Implementation:
     dtypes: tuple[torch.dtype, ...]
     interpreted: bool = False  # Triton in its CPU interpreter: tiny shapes only
 
-    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The precision the kernels compute ``dtype`` inputs in: float64 on the native CPU, else float32 at
-        least (docs/ops.md, Numerics)."""
-        if dtype == torch.float64 or self.name == "cpu":
+    def compute_dtype(self, dtype: torch.dtype, n: int | None = None) -> torch.dtype:
+        """The precision the kernels compute ``dtype`` inputs of n x n matrices in (``n=None``: any n):
+        float64 on the native CPU but for float32 matrices of n <= 8 (its small-matrix path computes them in
+        float32), else float32 at least (docs/ops.md, Numerics)."""
+        if dtype == torch.float64:
+            return torch.float64
+        if self.name == "cpu" and (n is None or n > CPU_LANES_MAX_SIZE):
             return torch.float64
         return torch.float32
 

@@ -199,7 +199,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> sinkhorn
   }
 
   std::vector<at::Tensor> p;
-  at::Tensor cols = at::empty({num_matrices, n_iter, stacks.layout.max_n}, stacks.options.dtype(at::kDouble));
+  // CPU calls of small matrices only save no column scalings: their backward recomputes them.
+  const bool saves_cols =
+      !stacks.options.device().is_cpu() || stacks.layout.max_n > sinkhorn_detail::kRecomputedMaxSize;
+  at::Tensor cols = at::empty({num_matrices, n_iter, saves_cols ? stacks.layout.max_n : 0},
+                              stacks.options.dtype(at::kDouble));
   at::Tensor domain = at::empty({num_matrices}, stacks.options.dtype(at::kInt));
   at::Tensor iterations = at::empty({num_matrices}, stacks.options.dtype(at::kInt));
   const int32_t* cap_values = caps.defined() ? caps.const_data_ptr<int32_t>() : nullptr;
@@ -238,10 +242,14 @@ std::vector<at::Tensor> sinkhorn_backward(const std::vector<at::Tensor>& grad_p_
   const int64_t num_matrices = stacks.layout.num_matrices();
   check_same_device(op, "cols", cols_in, stacks.options.device());
   TORCH_CHECK(cols_in.scalar_type() == at::kDouble, op, ": cols must be float64, got ", cols_in.scalar_type());
+  // The CPU kernels recompute the column scalings where none were saved (width 0); the CUDA kernels read them.
+  const bool cpu = stacks.options.device().is_cpu();
   TORCH_CHECK(cols_in.dim() == 3 && cols_in.size(0) == num_matrices && cols_in.size(1) >= 1 &&
-                  cols_in.size(1) <= std::numeric_limits<int32_t>::max() && cols_in.size(2) == stacks.layout.max_n,
+                  cols_in.size(1) <= std::numeric_limits<int32_t>::max() &&
+                  (cols_in.size(2) == stacks.layout.max_n || (cpu && cols_in.size(2) == 0)),
               op, ": cols must have shape [M, n_iter, max_n] = [", num_matrices, ", n_iter >= 1, ",
-              stacks.layout.max_n, "], got ", cols_in.sizes());
+              stacks.layout.max_n, "]", cpu ? " (or [M, n_iter, 0]: nothing saved)" : "", ", got ",
+              cols_in.sizes());
   const int64_t n_iter = cols_in.size(1);
   const at::Tensor domain = check_counts_tensor(op, "domain", domain_in, stacks, 0, 1);
   const at::Tensor iterations = check_counts_tensor(op, "iterations", iterations_in, stacks, 1, n_iter);

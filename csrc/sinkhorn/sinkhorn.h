@@ -8,10 +8,11 @@
 // (within its limit): the authors' rule, which stops a whole stack at once.
 //   forward  -> p (one tensor like each stack): P_{T_m} of every matrix;
 //               cols float64 [M, n_iter, max_n]: row t-1 holds c_t (scaling domain) or g_t (log domain) for
-//               t <= T_m, zeros elsewhere (also past column n_m);
+//               t <= T_m, zeros elsewhere (also past column n_m); on the CPU, when max_n <= kRecomputedMaxSize,
+//               [M, n_iter, 0] instead: nothing saved, the backward recomputes c_t (or g_t) from the logits;
 //               domain int32 [M] (0 scaling, 1 log); iterations int32 [M] (T_m);
 //   backward -> grad_logits (one tensor like each stack), the exact vector-Jacobian product of the T_m iterations
-//               each matrix ran, from the saved state.
+//               each matrix ran, from the saved state (the CPU kernels take either form of cols).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,11 @@ std::vector<at::Tensor> sinkhorn_backward(const std::vector<at::Tensor>& grad_p,
                                           const at::Tensor& iterations, double tau);
 
 namespace sinkhorn_detail {
+
+// The largest n of a CPU call that saves no cols: matrices this small take the CPU kernels' small-matrix path,
+// whose backward recomputes the iterates (sinkhorn_cpu_lanes.h). symkernels/ops/sinkhorn.py's fake kernel
+// follows the same rule.
+constexpr int64_t kRecomputedMaxSize = 8;
 
 // The M matrices of the stacks: each one's size, and where each stack ends.
 struct RaggedLayout {

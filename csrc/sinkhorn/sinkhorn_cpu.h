@@ -11,15 +11,17 @@
 //   r = 1 / (K c), c = 1 / (K' r): one row-major pass over K (a dot product and an axpy per row), no exp;
 // * log domain (fallback): max-shifted log-sum-exp iterations on the log-scalings, for matrices whose logits are
 //   too spread out for K (see ScalingLimits), whose scalings leave the safe range, or with non-finite logits.
-// The forward saves c_t (or g_t) exactly as computed; the per-matrix backward rebuilds K (or L0) from the logits,
-// recomputes r_t = 1 / (K c_{t-1}) (or f_t) with the forward's own code, and runs the exact vector-Jacobian product
-// of the T_m-step map (the small-matrix backward recomputes c_t too).
+// The forward saves c_t (or g_t) exactly as computed, unless the call saves no cols (every stack at n <=
+// kRecomputedMaxSize, sinkhorn.h); the per-matrix backward rebuilds K (or L0) from the logits, recomputes
+// r_t = 1 / (K c_{t-1}) (or f_t) with the forward's own code (and c_t, or g_t, when nothing was saved), and runs
+// the exact vector-Jacobian product of the T_m-step map (the small-matrix backward always recomputes c_t).
 //
-// Everything inside a matrix is computed in the compute type A of the input type S (ComputeType below): only the
-// logits, grad_p and the outputs are in S. On x86-64 the per-matrix code is compiled three times, for the baseline
-// ISA, for AVX2+FMA and for AVX-512 (64-byte vectors: twice the doubles per instruction), and the widest the CPU
-// has is used. Everything here is in an anonymous namespace: each translation unit (and each ISA inside it) gets
-// its own copies, so no out-of-line function compiled for one ISA is ever shared with code for another.
+// Everything inside a matrix of the per-matrix path is computed in the compute type A of the input type S
+// (ComputeType below): only the logits, grad_p and the outputs are in S (the small-matrix path computes in S). On
+// x86-64 the per-matrix code is compiled three times, for the baseline ISA, for AVX2+FMA and for AVX-512 (64-byte
+// vectors: twice the doubles per instruction), and the widest the CPU has is used. Everything here is in an
+// anonymous namespace: each translation unit (and each ISA inside it) gets its own copies, so no out-of-line
+// function compiled for one ISA is ever shared with code for another.
 #pragma once
 
 #include <algorithm>
@@ -49,10 +51,11 @@
   __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")))
 #endif
 
-// The compute type of float32 inputs (float64 inputs always compute in double). It is double: float ran float32
-// inputs ~1.5x faster, but its gradients of near-permutation and sharp logits came out up to 18x less accurate than
-// those of the float32 eager reference (against a float64 truth, n = 100, tau = 0.5). Defining it as float builds
-// that variant, with the float limits of ScalingLimits.
+// The compute type of float32 inputs on the per-matrix path (float64 inputs always compute in double). It is
+// double: float ran float32 inputs ~1.5x faster, but its gradients of near-permutation and sharp logits came out
+// up to 18x less accurate than those of the float32 eager reference (against a float64 truth, n = 100,
+// tau = 0.5). Defining it as float builds that variant, with the float limits of ScalingLimits. (The small-matrix
+// path computes float32 in float: its errors measured within those of the float32 reference, sinkhorn_cpu_lanes.h.)
 #ifndef SYMKERNELS_SINKHORN_FLOAT32_COMPUTE
 #define SYMKERNELS_SINKHORN_FLOAT32_COMPUTE double
 #endif
@@ -192,6 +195,98 @@ SYMKERNELS_INLINE void log_row_step(const A* __restrict l0, const A* __restrict 
   }
 }
 
+// Scaling-domain iterations: c_0 = 1; for t = 1, 2, ...: r_t = 1 / (K c_{t-1}), c_t = 1 / (K' r_t), one row-major
+// pass over K per iteration (the row's dot product, then its contribution to the column sums). With the early
+// exit, the row pass of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = r_{t-1}[i] (K c_{t-1})_i; when every row
+// passes, iteration t is discarded. rs: [T, n], cs: [T + 1, n]. Returns T, the iterations kept, or 0 as soon as a
+// scaling leaves the safe range (or is NaN).
+template <int B, typename A>
+SYMKERNELS_INLINE int64_t scaling_iterate(const A* __restrict k, int64_t n, int64_t limit, bool early_exit, A tol,
+                                          A* __restrict rs, A* __restrict cs, A* __restrict col) {
+  std::fill(cs, cs + n, A(1));
+  for (int64_t t = 1; t <= limit; ++t) {
+    const A* c_prev = cs + (t - 1) * n;
+    const A* r_prev = t >= 2 ? rs + (t - 2) * n : nullptr;
+    A* r = rs + (t - 1) * n;
+    A* c = cs + t * n;
+    const bool test = early_exit && t >= 2;
+    bool passed = true;
+    row_pass<B>(k, c_prev, col, n, [&](int64_t i, A d) {
+      if (test) {
+        passed &= row_sum_within(scaling_row_sum(r_prev[i], d), tol);
+      }
+      const A ri = A(1) / d;
+      r[i] = ri;
+      return ri;
+    });
+    if (test && passed) {
+      return t - 1;
+    }
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      c[j] = A(1) / col[j];
+    }
+    if (!all_scalings_in_range(r, n) || !all_scalings_in_range(c, n)) {
+      return 0;
+    }
+  }
+  return limit;
+}
+
+// The log-domain column step g = -lse_i(L0 + f), walking the matrix row by row (maxima first, then sums).
+template <typename A>
+SYMKERNELS_INLINE void log_col_step(const A* __restrict l0, const A* __restrict f, int64_t n, A* __restrict g,
+                                    A* __restrict col_max, A* __restrict col_sum) {
+  std::fill(col_max, col_max + n, -std::numeric_limits<A>::infinity());
+  for (int64_t i = 0; i < n; ++i) {
+    const A* li = l0 + i * n;
+    const A fi = f[i];
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const A e = li[j] + fi;
+      col_max[j] = e > col_max[j] ? e : col_max[j];
+    }
+  }
+  std::fill(col_sum, col_sum + n, A(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const A* li = l0 + i * n;
+    const A fi = f[i];
+    SYMKERNELS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      col_sum[j] += fast_exp(li[j] + fi - col_max[j]);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    g[j] = log_potential(col_max[j], col_sum[j]);
+  }
+}
+
+// Log-domain iterations: g_0 = 0; f_t = -lse_j(L0 + g_{t-1}), g_t = -lse_i(L0 + f_t). With the early exit, the row
+// step of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = exp(f_{t-1}[i] - f_t[i]). fs: [T, n], gs: [T + 1, n].
+// Returns T, the iterations kept.
+template <typename A>
+SYMKERNELS_INLINE int64_t log_iterate(const A* __restrict l0, int64_t n, int64_t limit, bool early_exit, A tol,
+                                      A* __restrict fs, A* __restrict gs, A* __restrict col_max,
+                                      A* __restrict col_sum) {
+  std::fill(gs, gs + n, A(0));
+  for (int64_t t = 1; t <= limit; ++t) {
+    A* f = fs + (t - 1) * n;
+    log_row_step(l0, gs + (t - 1) * n, n, f);
+    if (early_exit && t >= 2) {
+      const A* f_prev = fs + (t - 2) * n;
+      bool passed = true;
+      for (int64_t i = 0; i < n; ++i) {
+        passed &= row_sum_within(static_cast<A>(log_row_sum(f_prev[i], f[i])), tol);
+      }
+      if (passed) {
+        return t - 1;
+      }
+    }
+    log_col_step(l0, f, n, gs + t * n, col_max, col_sum);
+  }
+  return limit;
+}
+
 // One stack of a call: where its matrices are, their size, and the global index of its first matrix (matrices are
 // numbered stack by stack: domain, iterations, caps and cols are indexed by it).
 template <typename S>
@@ -228,7 +323,7 @@ std::vector<StackView<S>> stack_views(const std::vector<at::Tensor>& stacks, con
 template <typename S, typename A>
 struct ForwardArgs {
   const StackView<S>* stacks;
-  double* cols;          // [M, n_iter, max_n]
+  double* cols;          // [M, n_iter, cols_width]
   int32_t* domain;       // [M]
   int32_t* iterations;   // [M]
   const int32_t* caps;   // [M] or nullptr
@@ -236,18 +331,18 @@ struct ForwardArgs {
   A tol;
   bool early_exit;
   int64_t n_iter;
-  int64_t max_n;
+  int64_t cols_width;  // max_n, or 0: nothing saved (the backward recomputes c_t)
 };
 
 template <typename S>
 struct BackwardArgs {
   const StackView<S>* stacks;
-  const double* cols;         // [M, n_iter, max_n]
+  const double* cols;         // [M, n_iter, cols_width]
   const int32_t* domain;      // [M]
   const int32_t* iterations;  // [M]
   S tau;
   int64_t n_iter;
-  int64_t max_n;
+  int64_t cols_width;  // max_n, or 0: nothing saved, c_t recomputed
 };
 
 // Picks the function compiled for the widest ISA this CPU has.
@@ -283,8 +378,9 @@ struct Task {
 };
 
 // The small-matrix path (sinkhorn_cpu_lanes.h) takes the stacks of n <= kMaxLaneSize, padded to lane_size(n);
-// larger matrices fill a vector with a row of one matrix (the per-matrix path).
-constexpr int64_t kMaxLaneSize = 8;
+// larger matrices fill a vector with a row of one matrix (the per-matrix path). Its backward recomputes the
+// iterates, which is why a call whose every stack it takes saves no cols (kRecomputedMaxSize, sinkhorn.h).
+constexpr int64_t kMaxLaneSize = kRecomputedMaxSize;
 
 constexpr bool takes_lanes(int64_t n) {
   return SYMKERNELS_VECTORS && n <= kMaxLaneSize;
@@ -294,10 +390,11 @@ constexpr int64_t lane_size(int64_t n) {
   return n <= 2 ? 2 : (n <= 4 ? 4 : 8);
 }
 
-// The matrices of a lane task: a multiple of 8 (whole groups for every vector width) carrying kMinTaskWork.
+// The matrices of a lane task: a multiple of 16 (whole groups for every vector width and type) carrying
+// kMinTaskWork.
 inline int64_t lane_task_matrices(int64_t padded_n, int64_t n_iter) {
   const int64_t work = std::max<int64_t>(1, padded_n * padded_n * n_iter);
-  return (kMinTaskWork / work + 8) / 8 * 8;
+  return (kMinTaskWork / work + 16) / 16 * 16;
 }
 
 // Tasks over the matrices index[0..count) (or 0..count without index), in order, none spanning two stacks: lane

@@ -190,8 +190,9 @@ SYMKERNELS_INLINE void log_backward(const A* __restrict l0, const S* __restrict 
 
 
 // One matrix of the backward in the domain its forward ran in. K (or L0) is rebuilt from the logits with the
-// forward's code, c_t (or g_t) are read back exactly (cols holds the compute-type values, widened), and r_t (or f_t)
-// are recomputed with the forward's code, so the backward differentiates the very iterates the forward produced.
+// forward's code, c_t (or g_t) are read back exactly (cols holds the compute-type values, widened) or, where the
+// call saved none, recomputed, and r_t (or f_t) are recomputed, all with the forward's code, so the backward
+// differentiates the very iterates the forward produced.
 template <int B, typename S, typename A>
 SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, const StackView<S>& stack, int64_t m,
                                        Workspace<A>& ws) {
@@ -200,32 +201,46 @@ SYMKERNELS_INLINE void backward_matrix(const BackwardArgs<S>& a, const StackView
   const S* grad = stack.grad_of(m);
   const S* x = stack.logits_of(m);
   S* out = stack.out_of(m);
-  const double* slab = a.cols + m * a.n_iter * a.max_n;
   A* k = ws.mat.data();
   A* rs = ws.rows.data();
   A* cs = ws.cols.data();
   const A inv_tau = A(1) / static_cast<A>(a.tau);
+  const bool scaling = a.domain[m] == kScalingDomain;
   load_logits(x, a.tau, n, k, ws.row_max.data());
-  for (int64_t t = 1; t <= iterations; ++t) {
-    const double* saved = slab + (t - 1) * a.max_n;
-    A* c = cs + t * n;
-    for (int64_t j = 0; j < n; ++j) {
-      c[j] = static_cast<A>(saved[j]);
+  if (scaling) build_kernel(k, ws.row_max.data(), n);
+  if (a.cols_width == 0) {
+    // (The iterations' count is the forward's, so neither stops early; a state that no forward produced gives
+    // a meaningless gradient, never a read out of bounds.)
+    if (scaling) {
+      scaling_iterate<B>(k, n, iterations, false, A(0), rs, cs, ws.v1.data());
+    } else {
+      log_iterate(k, n, iterations, false, A(0), rs, cs, ws.v1.data(), ws.v2.data());
+    }
+  } else {
+    const double* slab = a.cols + m * a.n_iter * a.cols_width;
+    for (int64_t t = 1; t <= iterations; ++t) {
+      const double* saved = slab + (t - 1) * a.cols_width;
+      A* c = cs + t * n;
+      for (int64_t j = 0; j < n; ++j) {
+        c[j] = static_cast<A>(saved[j]);
+      }
+    }
+    if (scaling) {
+      std::fill(cs, cs + n, A(1));
+      for (int64_t t = 1; t <= iterations; ++t) {
+        A* r = rs + (t - 1) * n;
+        row_dots<B>(k, cs + (t - 1) * n, n, [r](int64_t i, A d) { r[i] = A(1) / d; });
+      }
+    } else {
+      std::fill(cs, cs + n, A(0));
+      for (int64_t t = 1; t <= iterations; ++t) {
+        log_row_step(k, cs + (t - 1) * n, n, rs + (t - 1) * n);
+      }
     }
   }
-  if (a.domain[m] == kScalingDomain) {
-    build_kernel(k, ws.row_max.data(), n);
-    std::fill(cs, cs + n, A(1));
-    for (int64_t t = 1; t <= iterations; ++t) {
-      A* r = rs + (t - 1) * n;
-      row_dots<B>(k, cs + (t - 1) * n, n, [r](int64_t i, A d) { r[i] = A(1) / d; });
-    }
+  if (scaling) {
     scaling_backward<B>(k, grad, n, iterations, rs, cs, inv_tau, ws, out);
   } else {
-    std::fill(cs, cs + n, A(0));
-    for (int64_t t = 1; t <= iterations; ++t) {
-      log_row_step(k, cs + (t - 1) * n, n, rs + (t - 1) * n);
-    }
     log_backward(k, grad, n, iterations, rs, cs, inv_tau, ws, out);
   }
 }
@@ -244,13 +259,14 @@ int64_t most_iterations(const BackwardArgs<S>& a, const Task& task) {
 // The matrices of a lane task, W per group; those whose forward ran in the log domain go to backward_matrix.
 template <int N, int B, typename S, typename A>
 SYMKERNELS_INLINE void backward_lanes_task(const BackwardArgs<S>& a, const Task& task) {
-  constexpr int W = Lanes<B>::W;
+  constexpr int W = Lanes<S, B>::W;
   const StackView<S>& stack = a.stacks[task.stack];
-  LaneHistory<N, B> history(most_iterations(a, task));
+  LaneHistory<N, S, B> history(most_iterations(a, task));
   std::unique_ptr<Workspace<A>> ws;  // for the log domain, allocated on first use
   for (int64_t q = task.begin; q < task.end; q += W) {
-    LaneGroup<B, S> g;
+    LaneGroup<S, B> g;
     g.count = static_cast<int>(std::min<int64_t>(W, task.end - q));
+    g.consecutive = task.index == nullptr;
     for (int l = 0; l < g.count; ++l) {
       g.matrix[l] = task.matrix(q + l);
       g.logits[l] = stack.logits_of(g.matrix[l]);
@@ -320,7 +336,7 @@ void sinkhorn_backward_cpu(const std::vector<at::Tensor>& grad_p, const std::vec
                                       ran,
                                       static_cast<scalar_t>(tau),
                                       cols.size(1),
-                                      layout.max_n};
+                                      cols.size(2)};
 #if SYMKERNELS_SINKHORN_AVX2
     const auto task_fn = pick_for_isa(&backward_task<scalar_t, A>, &backward_task_avx2<scalar_t, A>,
                                       &backward_task_avx512<scalar_t, A>);

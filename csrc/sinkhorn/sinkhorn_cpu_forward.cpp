@@ -9,116 +9,25 @@
 namespace symkernels::sinkhorn_detail {
 namespace {
 
-// Scaling-domain iterations: c_0 = 1; for t = 1, 2, ...: r_t = 1 / (K c_{t-1}), c_t = 1 / (K' r_t), one row-major
-// pass over K per iteration (the row's dot product, then its contribution to the column sums). With the early
-// exit, the row pass of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = r_{t-1}[i] (K c_{t-1})_i; when every row
-// passes, iteration t is discarded. rs: [T, n], cs: [T + 1, n]. Returns T, the iterations kept, or 0 as soon as a
-// scaling leaves the safe range (or is NaN).
-template <int B, typename A>
-SYMKERNELS_INLINE int64_t scaling_iterate(const A* __restrict k, int64_t n, int64_t limit, bool early_exit, A tol,
-                                          A* __restrict rs, A* __restrict cs, A* __restrict col) {
-  std::fill(cs, cs + n, A(1));
-  for (int64_t t = 1; t <= limit; ++t) {
-    const A* c_prev = cs + (t - 1) * n;
-    const A* r_prev = t >= 2 ? rs + (t - 2) * n : nullptr;
-    A* r = rs + (t - 1) * n;
-    A* c = cs + t * n;
-    const bool test = early_exit && t >= 2;
-    bool passed = true;
-    row_pass<B>(k, c_prev, col, n, [&](int64_t i, A d) {
-      if (test) {
-        passed &= row_sum_within(scaling_row_sum(r_prev[i], d), tol);
-      }
-      const A ri = A(1) / d;
-      r[i] = ri;
-      return ri;
-    });
-    if (test && passed) {
-      return t - 1;
-    }
-    SYMKERNELS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      c[j] = A(1) / col[j];
-    }
-    if (!all_scalings_in_range(r, n) || !all_scalings_in_range(c, n)) {
-      return 0;
-    }
-  }
-  return limit;
-}
-
-// The log-domain column step g = -lse_i(L0 + f), walking the matrix row by row (maxima first, then sums).
-template <typename A>
-SYMKERNELS_INLINE void log_col_step(const A* __restrict l0, const A* __restrict f, int64_t n, A* __restrict g,
-                                    A* __restrict col_max, A* __restrict col_sum) {
-  std::fill(col_max, col_max + n, -std::numeric_limits<A>::infinity());
-  for (int64_t i = 0; i < n; ++i) {
-    const A* li = l0 + i * n;
-    const A fi = f[i];
-    SYMKERNELS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      const A e = li[j] + fi;
-      col_max[j] = e > col_max[j] ? e : col_max[j];
-    }
-  }
-  std::fill(col_sum, col_sum + n, A(0));
-  for (int64_t i = 0; i < n; ++i) {
-    const A* li = l0 + i * n;
-    const A fi = f[i];
-    SYMKERNELS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      col_sum[j] += fast_exp(li[j] + fi - col_max[j]);
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    g[j] = log_potential(col_max[j], col_sum[j]);
-  }
-}
-
-// Log-domain iterations: g_0 = 0; f_t = -lse_j(L0 + g_{t-1}), g_t = -lse_i(L0 + f_t). With the early exit, the row
-// step of iteration t also tests P_{t-1}: rowsum_i(P_{t-1}) = exp(f_{t-1}[i] - f_t[i]). fs: [T, n], gs: [T + 1, n].
-// Returns T, the iterations kept.
-template <typename A>
-SYMKERNELS_INLINE int64_t log_iterate(const A* __restrict l0, int64_t n, int64_t limit, bool early_exit, A tol,
-                                      A* __restrict fs, A* __restrict gs, A* __restrict col_max,
-                                      A* __restrict col_sum) {
-  std::fill(gs, gs + n, A(0));
-  for (int64_t t = 1; t <= limit; ++t) {
-    A* f = fs + (t - 1) * n;
-    log_row_step(l0, gs + (t - 1) * n, n, f);
-    if (early_exit && t >= 2) {
-      const A* f_prev = fs + (t - 2) * n;
-      bool passed = true;
-      for (int64_t i = 0; i < n; ++i) {
-        passed &= row_sum_within(static_cast<A>(log_row_sum(f_prev[i], f[i])), tol);
-      }
-      if (passed) {
-        return t - 1;
-      }
-    }
-    log_col_step(l0, f, n, gs + t * n, col_max, col_sum);
-  }
-  return limit;
-}
-
-// c_1..c_T (or g_1..g_T), [T, n] in the compute type, into a matrix's slab of `cols` [n_iter, max_n]; every other
+// c_1..c_T (or g_1..g_T), [T, n] in the compute type, into a matrix's slab of `cols` [n_iter, width]; every other
 // entry of the slab is set to 0.
 template <typename A>
 SYMKERNELS_INLINE void save_cols(const A* __restrict cs, int64_t n, int64_t iterations, int64_t n_iter,
-                                 int64_t max_n, double* __restrict slab) {
+                                 int64_t width, double* __restrict slab) {
   for (int64_t t = 0; t < iterations; ++t) {
-    double* row = slab + t * max_n;
+    double* row = slab + t * width;
     const A* c = cs + t * n;
     for (int64_t j = 0; j < n; ++j) {
       row[j] = static_cast<double>(c[j]);
     }
-    std::fill(row + n, row + max_n, 0.0);
+    std::fill(row + n, row + width, 0.0);
   }
-  std::fill(slab + iterations * max_n, slab + n_iter * max_n, 0.0);
+  std::fill(slab + iterations * width, slab + n_iter * width, 0.0);
 }
 
-// One matrix of the forward: P, its slab of cols, its domain and iterations. In the scaling domain where it serves
-// (unless `log_only`: the small-matrix path found that it does not), else in the log domain.
+// One matrix of the forward: P, its slab of cols (when the call saves them), its domain and iterations. In the
+// scaling domain where it serves (unless `log_only`: the small-matrix path found that it does not), else in the
+// log domain.
 template <int B, typename S, typename A>
 SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, const StackView<S>& stack, int64_t m,
                                       Workspace<A>& ws, bool log_only) {
@@ -165,35 +74,39 @@ SYMKERNELS_INLINE void forward_matrix(const ForwardArgs<S, A>& a, const StackVie
   }
   a.domain[m] = scaling ? kScalingDomain : kLogDomain;
   a.iterations[m] = static_cast<int32_t>(iterations);
-  save_cols(cs + n, n, iterations, a.n_iter, a.max_n, a.cols + m * a.n_iter * a.max_n);
+  if (a.cols_width > 0) {
+    save_cols(cs + n, n, iterations, a.n_iter, a.cols_width, a.cols + m * a.n_iter * a.cols_width);
+  }
 }
 
 #if SYMKERNELS_VECTORS
-// The matrices of a lane task, W per group; the matrices a group does not serve go to the log domain.
+// The matrices of a lane task, W per group; the matrices a group does not serve go to the log domain. The
+// iterates are kept (for cols) only when the call saves them.
 template <int N, int B, typename S, typename A>
 SYMKERNELS_INLINE void forward_lanes_task(const ForwardArgs<S, A>& a, const Task& task) {
-  constexpr int W = Lanes<B>::W;
+  constexpr int W = Lanes<S, B>::W;
   const StackView<S>& stack = a.stacks[task.stack];
-  LaneHistory<N, B> history(a.n_iter);
+  std::unique_ptr<LaneHistory<N, S, B>> history;
+  if (a.cols_width > 0) history = std::make_unique<LaneHistory<N, S, B>>(a.n_iter);
   std::unique_ptr<Workspace<A>> ws;  // for the log domain, allocated on first use
   const bool masked = a.early_exit || a.caps != nullptr;
   for (int64_t q = task.begin; q < task.end; q += W) {
-    LaneGroup<B, S> g;
+    LaneGroup<S, B> g;
     g.count = static_cast<int>(std::min<int64_t>(W, task.end - q));
+    g.consecutive = task.index == nullptr;
     for (int l = 0; l < g.count; ++l) {
       g.matrix[l] = task.matrix(q + l);
       g.logits[l] = stack.logits_of(g.matrix[l]);
       g.out[l] = stack.out_of(g.matrix[l]);
     }
-    const auto rest = masked ? forward_lanes<N, B, true>(a, g, stack.n, history)
-                             : forward_lanes<N, B, false>(a, g, stack.n, history);
+    const auto rest = masked ? forward_lanes<N, B, true>(a, g, stack.n, history.get())
+                             : forward_lanes<N, B, false>(a, g, stack.n, history.get());
     for (int l = 0; l < g.count; ++l) {
       if ((rest >> l & 1u) == 0) continue;
       if (!ws) ws = std::make_unique<Workspace<A>>(stack.n, a.n_iter, /*backward=*/false);
       forward_matrix<B, S, A>(a, stack, g.matrix[l], *ws, /*log_only=*/true);
     }
   }
-  stream_fence();
 }
 #endif
 
@@ -273,7 +186,7 @@ void sinkhorn_forward_cpu(const std::vector<at::Tensor>& stacks, const RaggedLay
                                         static_cast<A>(tol),
                                         early_exit_enabled(tol),
                                         n_iter,
-                                        layout.max_n};
+                                        cols.size(2)};
 #if SYMKERNELS_SINKHORN_AVX2
     const auto task_fn = pick_for_isa(&forward_task<scalar_t, A>, &forward_task_avx2<scalar_t, A>,
                                       &forward_task_avx512<scalar_t, A>);

@@ -15,8 +15,10 @@ its cap): the CPU kernel runs the lagging matrices again, the GPU implementation
 those caps. The forward saves what the exact backward needs: ``cols [M, n_iter, max n]`` (float64: each
 iteration's column scalings, ``c_t`` or ``g_t``, zero past the last iteration), ``domain [M]`` (0 scaling,
 1 log) and ``iterations [M]``; the backward, the exact vector-Jacobian product of the iterations each matrix
-ran, recomputes the row scalings from them. The CPU kernels read and write the stacks where they are; the
-GPU kernels read one packed buffer.
+ran, recomputes the row scalings from them. The CPU kernels save no column scalings for a call whose every
+matrix has n <= ``RECOMPUTED_MAX_SIZE`` (8): ``cols`` is ``[M, n_iter, 0]`` and their backward recomputes
+them from the logits (it takes either width; any other width is an error). The CPU kernels read and write
+the stacks where they are; the GPU kernels read one packed buffer.
 
 Implementations: ``cpu`` and ``cuda`` (the native library's ``sinkhorn_forward``/``sinkhorn_backward``),
 ``triton`` (:mod:`symkernels.ops.sinkhorn_triton`); ``backend`` names one of them (``"auto"``: chosen by
@@ -52,6 +54,10 @@ from symkernels.reference.sinkhorn import STOP_RULES, sinkhorn_reference
 __all__ = ["BACKWARD_MODES", "fixed_point_vjp", "grouped_sinkhorn", "sinkhorn"]
 
 BACKWARD_MODES = ("unrolled", "implicit")
+
+# The largest n of a native CPU call that saves no column scalings (csrc/sinkhorn/sinkhorn.h,
+# kRecomputedMaxSize): its backward recomputes them, cheaper than saving T n doubles per matrix.
+RECOMPUTED_MAX_SIZE = 8
 
 torch.library.define(
     "symkernels::sinkhorn",
@@ -152,9 +158,23 @@ def _(stacks, n_iter, tau, tol, stop, caps, backend):
     max_n = max((s.shape[-1] for s in stacks if s.shape[0] > 0), default=0)
     options = {"device": stacks[0].device} if stacks else {}
     flags = torch.empty((matrices,), dtype=torch.int32, **options)
-    cols = torch.empty((matrices, n_iter, max_n), dtype=torch.float64, **options)
+    width = 0 if _saves_no_cols(stacks, max_n, backend) else max_n
+    cols = torch.empty((matrices, n_iter, width), dtype=torch.float64, **options)
     # Every implementation returns contiguous results, whatever the stacks' strides.
     return [_contiguous_like(s) for s in stacks], cols, flags, torch.empty_like(flags)
+
+
+def _saves_no_cols(stacks: list[torch.Tensor], max_n: int, backend: str) -> bool:
+    """Whether the call returns ``cols`` as ``[M, n_iter, 0]``: the native CPU kernel's calls whose every
+    matrix has n <= RECOMPUTED_MAX_SIZE, whose backward recomputes the column scalings from the logits."""
+    if not stacks or stacks[0].device.type != "cpu" or max_n > RECOMPUTED_MAX_SIZE:
+        return False
+    if backend != "auto":
+        return backend == "cpu"
+    try:
+        return backends.resolve(None, stacks[0].device, stacks[0].dtype, "sinkhorn") == "cpu"
+    except RuntimeError:  # the real call raises it
+        return False
 
 
 @torch.library.register_fake("symkernels::sinkhorn_backward")

@@ -100,7 +100,7 @@ def test_sinkhorn_on_random_inputs(implementation, logits, n_iter, tau, tol, sto
             expected_grad,
             truth_grad,
             computed_from=float(grad_p.abs().max()) / tau,
-            compute_dtype=implementation.compute_dtype(dtype),
+            compute_dtype=implementation.compute_dtype(dtype, logits.shape[-1]),
         )
     if tol is not None:
         reference_iterations = sinkhorn_reference(

@@ -172,7 +172,7 @@ def test_gradients_far_below_their_scale(implementation, case):
     largest = float(truth.abs().max())
     assert largest < 1e-5  # the case is still one of tiny gradients
     # (plus the float32 rounding of the result itself)
-    bound = 4 * torch.finfo(implementation.compute_dtype(torch.float32)).eps / tau + 32 * 1.2e-7 * largest
+    bound = 4 * torch.finfo(implementation.compute_dtype(torch.float32, 2)).eps / tau + 32 * 1.2e-7 * largest
     assert float((grad.cpu().double() - truth).abs().max()) <= bound
     assert float(grad.cpu().double().sum(-1).abs().max()) <= bound
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from symkernels import _native
+from symkernels.ops.sinkhorn import RECOMPUTED_MAX_SIZE
 from symkernels.reference.sinkhorn import sinkhorn_reference
 from tests.testing import assert_as_accurate_as_reference, make_logits, random_permutation_matrix
 
@@ -77,7 +78,9 @@ def assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter):
     counts = [s.shape[0] for s in stacks]
     num = sum(counts)
     max_n = max((n for n, c in zip(sizes, counts, strict=True) if c > 0), default=0)
-    assert cols.shape == (num, n_iter, max_n) and cols.dtype == torch.float64
+    # A call whose every matrix is small saves no column scalings: its backward recomputes them.
+    width = 0 if max_n <= RECOMPUTED_MAX_SIZE else max_n
+    assert cols.shape == (num, n_iter, width) and cols.dtype == torch.float64
     assert domain.shape == (num,) and domain.dtype == torch.int32
     assert iterations.shape == (num,) and iterations.dtype == torch.int32
     assert bool(((domain == 0) | (domain == 1)).all())
@@ -92,11 +95,17 @@ def assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter):
             m += 1
 
 
+def wide_stack():
+    """A matrix larger than RECOMPUTED_MAX_SIZE: a call with it saves every matrix's column scalings."""
+    return make_logits(1, RECOMPUTED_MAX_SIZE + 1, RECOMPUTED_MAX_SIZE + 1, dtype=torch.float64, seed=99)
+
+
 def assert_cols_follow_the_recurrence(stack, tau, p, cols, domain, iterations):
     """Independently of the kernel, for every saved t: c_t = 1 / (K' r_t), r_t = 1 / (K c_{t-1}) with
     K = exp(L0 - rowmax) (scaling domain), or g_t = -lse_i(L0 + f_t), f_t = -lse_j(L0 + g_{t-1}) (log domain);
     and P = diag(r_T) K diag(c_T) (or exp(L0 + f_T 1' + 1 g_T'))."""
     n = stack.shape[-1]
+    assert cols.shape[-1] >= n, "a call that saved the column scalings"
     for b in range(stack.shape[0]):
         l0 = stack[b] / tau
         ran = int(iterations[b])
@@ -217,10 +226,11 @@ def test_log_domain_for_spread_and_non_finite_logits():
     spread = torch.tensor([[[0.0, 400.0], [1.0, 0.0]]], dtype=torch.float64)  # within-row spread 400 > 300
     mild = make_logits(1, 2, 2, dtype=torch.float64)
     stack = torch.cat([spread, mild])
-    flat, sizes, counts, p, cols, domain, iterations = forward([stack], 6, 1.0)
-    assert domain.tolist() == [1, 0]
-    torch.testing.assert_close(p.view(2, 2, 2), sinkhorn_reference(stack, 6, 1.0), rtol=1e-12, atol=1e-14)
-    assert_cols_follow_the_recurrence(stack, 1.0, p.view(2, 2, 2), cols, domain, iterations)
+    flat, sizes, counts, p, cols, domain, iterations = forward([stack, wide_stack()], 6, 1.0)
+    assert domain.tolist() == [1, 0, 0]
+    p = unpack(p, sizes, counts)[0]
+    torch.testing.assert_close(p, sinkhorn_reference(stack, 6, 1.0), rtol=1e-12, atol=1e-14)
+    assert_cols_follow_the_recurrence(stack, 1.0, p, cols[:2], domain[:2], iterations[:2])
     nan = torch.tensor([[[0.0, float("nan")], [0.0, 0.0]]], dtype=torch.float64)
     *_, domain, _ = forward([torch.cat([nan, mild])], 3, 1.0)
     assert domain.tolist() == [1, 0]
@@ -256,6 +266,11 @@ def test_early_exit_matches_reference(tol):
     assert iterations[-2:].tolist() == [1, 1]
 
 
+def caps_and_one(caps):
+    """``caps`` for a call with wide_stack() after the stacks: its matrix capped at the largest cap."""
+    return torch.cat([caps, caps.max().reshape(1)])
+
+
 def test_caps_limit_each_matrix():
     stack = make_logits(5, 6, 6, dtype=torch.float64, scale=3.0)
     caps = torch.tensor([1, 4, 9, 2, 9], dtype=torch.int32)
@@ -264,7 +279,16 @@ def test_caps_limit_each_matrix():
         assert_state_is_well_formed([stack], cols, domain, iterations, 9)
         grad = make_logits(5, 6, 6, dtype=torch.float64, seed=1)
         grad_logits = backward([grad], flat, sizes, counts, cols, domain, iterations, 0.5)
-        assert_cols_follow_the_recurrence(stack, 0.5, p.view(5, 6, 6), cols, domain, iterations)
+        # The same matrices next to a wide one: the saved column scalings, the same P, state and gradient.
+        _, _, _, p_saved, saved, *state = forward(
+            [stack, wide_stack()], 9, 0.5, tol=tol, caps=caps_and_one(caps)
+        )
+        assert torch.equal(p_saved[: p.numel()], p) and torch.equal(state[0][:5], domain)
+        assert torch.equal(state[1][:5], iterations)
+        assert_cols_follow_the_recurrence(stack, 0.5, p.view(5, 6, 6), saved[:5], domain, iterations)
+        assert torch.equal(
+            backward([grad], flat, sizes, counts, saved[:5, :, :6], domain, iterations, 0.5), grad_logits
+        )
         for m in range(5):
             want_p, want_it, want_g = reference_with_grad(
                 stack[m : m + 1], int(caps[m]), 0.5, grad[m : m + 1], tol=tol
@@ -390,13 +414,20 @@ def test_backward_rejects_bad_input():
         "iterations": iterations,
         "tau": 1.0,
     }
-    native.sinkhorn_backward(**good)
+    # The small matrices' call saves no column scalings; their backward takes the saved ones as well.
+    assert cols.shape == (3, 5, 0)
+    expected = native.sinkhorn_backward(**good)
+    saved = native.sinkhorn_forward(**_sinkhorn_args(stacks=[*args["stacks"], wide_stack()]))[1]
+    for got, want in zip(
+        native.sinkhorn_backward(**{**good, "cols": saved[:3, :, :3]}), expected, strict=True
+    ):
+        assert torch.equal(got, want)
     bad = [
         ({"grad_p": [torch.ones_like(p[0])]}, "grad_p must have one tensor per stack"),
         ({"grad_p": [p[0], p[1][:, :1]]}, r"grad_p\[1\] must have the shape of stacks\[1\]"),
         ({"grad_p": [p[0].float(), p[1]]}, r"grad_p\[0\] must have the dtype of stacks"),
         ({"cols": cols.float()}, "cols must be float64"),
-        ({"cols": cols[:, :, :2]}, r"cols must have shape \[M, n_iter, max_n\]"),
+        ({"cols": torch.zeros(3, 5, 2, dtype=torch.float64)}, r"cols must have shape \[M, n_iter, max_n\]"),
         ({"cols": cols[:2]}, r"cols must have shape \[M, n_iter, max_n\]"),
         ({"domain": torch.full((3,), 2, dtype=torch.int32)}, r"domain must lie in 0..1"),
         ({"domain": domain.long()}, "domain must be int32"),
@@ -418,33 +449,63 @@ def test_backward_rejects_bad_input():
 @pytest.mark.parametrize("n_iter", [20, 7])
 def test_small_matrix_path_saved_state(n_iter):
     """cols, domain and iterations of tiny matrices: c_t of each matrix (zero past its iterations and size),
-    in one stack (slabs written as the iterations run; odd T leaves a partial block) and in a ragged mix of
-    sizes padded to 2, 4 and 8 (slabs narrower than max_n), with caps, the tolerance, a log-domain matrix."""
+    in one stack and in a ragged mix of sizes padded to 2, 4 and 8 (slabs narrower than max_n), with caps,
+    the tolerance, a log-domain matrix; saved only next to a wide matrix, else none (cols [M, T, 0]), the same
+    P, domain and iterations either way, and the backward gives the same bits from either form of cols."""
     single = [make_logits(19, 4, 4, dtype=torch.float64, scale=2.0, seed=1)]
     mixed = [
         make_logits(c, n, n, dtype=torch.float64, scale=2.0, seed=n)
         for n, c in ((3, 9), (8, 5), (2, 11), (1, 3))
     ]
     mixed[1][2] *= 400.0  # log domain
-    for stacks in (single, mixed):
-        count = sum(s.shape[0] for s in stacks)
+    for small in (single, mixed):
+        count = sum(s.shape[0] for s in small)
+        max_n = max(s.shape[-1] for s in small)
         caps = torch.randint(1, n_iter + 1, (count,), generator=torch.Generator().manual_seed(n_iter))
+        grads = [make_logits(*s.shape, dtype=torch.float64, seed=5) for s in small]
         for tol, cap in (
             (0.0, None),
             (1e-6, None),
             (0.0, caps.to(torch.int32)),
             (1e-6, caps.to(torch.int32)),
         ):
-            flat, sizes, counts, p, cols, domain, iterations = forward(stacks, n_iter, 0.8, tol=tol, caps=cap)
-            assert_state_is_well_formed(stacks, cols, domain, iterations, n_iter)
+            flat, sizes, counts, p, cols, domain, iterations = forward(small, n_iter, 0.8, tol=tol, caps=cap)
+            assert_state_is_well_formed(small, cols, domain, iterations, n_iter)
+            assert cols.shape == (count, n_iter, 0)
+            grad = backward(grads, flat, sizes, counts, cols, domain, iterations, 0.8)
+
+            stacks = [*small, wide_stack()]
+            wide_caps = None if cap is None else caps_and_one(cap)
+            _, _, _, p_saved, saved, *state = forward(stacks, n_iter, 0.8, tol=tol, caps=wide_caps)
+            assert_state_is_well_formed(stacks, saved, *state, n_iter)
+            assert torch.equal(p_saved[: p.numel()], p)
+            assert torch.equal(state[0][:count], domain) and torch.equal(state[1][:count], iterations)
             m = 0
-            for stack, got_p in zip(stacks, unpack(p, sizes, counts), strict=True):
+            for stack, got_p in zip(small, unpack(p, sizes, counts), strict=True):
                 count_l = stack.shape[0]
-                state = (cols[m : m + count_l], domain[m : m + count_l], iterations[m : m + count_l])
-                assert_cols_follow_the_recurrence(stack, 0.8, got_p, *state)
+                part = (saved[m : m + count_l], domain[m : m + count_l], iterations[m : m + count_l])
+                assert_cols_follow_the_recurrence(stack, 0.8, got_p, *part)
                 m += count_l
-            if stacks is mixed:
+            again = backward(grads, flat, sizes, counts, saved[:count, :, :max_n], domain, iterations, 0.8)
+            assert torch.equal(again, grad)
+            if small is mixed:
                 assert domain.nonzero().flatten().tolist() == [9 + 2]  # the spread-out 8x8 matrix
+
+
+def test_wide_calls_backward_from_no_saved_cols():
+    """A call with matrices above RECOMPUTED_MAX_SIZE saves cols; given cols [M, T, 0] instead, the
+    per-matrix backward recomputes them (scaling and log domain, the tolerance): the same gradient, to an ulp
+    (reading cols back, it recomputes r_t with row_dots, whose sums may round apart from the row pass's)."""
+    stacks = ragged_stacks(scale=2.0, seed=3)
+    stacks[5][0, 0, 1] = 500.0  # the 25x25 matrix in the log domain
+    grads = [make_logits(*s.shape, dtype=torch.float64, seed=6) for s in stacks]
+    for tol in (0.0, 1e-6):
+        flat, sizes, counts, p, cols, domain, iterations = forward(stacks, 12, 0.7, tol=tol)
+        assert cols.shape[-1] == 25 and set(domain.tolist()) == {0, 1}
+        grad = backward(grads, flat, sizes, counts, cols, domain, iterations, 0.7)
+        empty = cols.new_zeros(cols.shape[0], cols.shape[1], 0)
+        again = backward(grads, flat, sizes, counts, empty, domain, iterations, 0.7)
+        torch.testing.assert_close(again, grad, rtol=4 * EPS64, atol=4 * EPS64)
 
 
 def test_small_matrices_do_not_depend_on_neighbours_tasks_or_threads():
@@ -476,6 +537,7 @@ def test_small_matrices_do_not_depend_on_neighbours_tasks_or_threads():
 NARROWER_VECTORS_CHECK = """
 import torch
 from symkernels import _native
+from symkernels.ops.sinkhorn import RECOMPUTED_MAX_SIZE
 from symkernels.reference.sinkhorn import sinkhorn_reference
 native = _native.library()
 generator = torch.Generator().manual_seed(0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import symkernels
+from symkernels.ops.sinkhorn import RECOMPUTED_MAX_SIZE
 from tests.testing import make_logits
 
 
@@ -52,11 +53,16 @@ def test_the_op_rejects_an_unknown_stop_rule(implementation):
         torch.ops.symkernels.sinkhorn(stacks, 2, 1.0, 0.0, "all", None, implementation.name)
 
 
+def cols_width(impl, max_n: int) -> int:
+    """The width of ``cols``: max n, or 0 on the native CPU kernels when every matrix has n <= 8."""
+    return 0 if impl.name == "cpu" and max_n <= RECOMPUTED_MAX_SIZE else max_n
+
+
 def test_saved_state_layout(implementation):
     """cols [M, T, max n] (float64, zero past each matrix's iterations and size), domain, iterations [M]."""
-    sizes, counts, n_iter = [3, 5], [2, 1], 6
+    sizes, counts, n_iter = [3, 9], [2, 1], 6
     _, (p, cols, domain, iterations) = saved_state(implementation, sizes, counts, n_iter, 0.0, caps=[6, 2, 4])
-    assert cols.shape == (3, n_iter, 5) and cols.dtype == torch.float64
+    assert cols.shape == (3, n_iter, 9) and cols.dtype == torch.float64
     assert domain.dtype == torch.int32 and iterations.dtype == torch.int32 and domain.shape == (3,)
     assert iterations.tolist() == [6, 2, 4]
     cols = cols.cpu()
@@ -68,17 +74,36 @@ def test_saved_state_layout(implementation):
     assert bool((cols[0, :, :3] > 0).all())  # scaling domain: the column scalings c_t themselves
 
 
-def test_an_empty_stack_does_not_widen_the_saved_state(implementation):
-    """cols is as wide as the largest matrix there is, as the fake says, whatever the empty stacks' n."""
+@pytest.mark.parametrize("n", [3, 9])
+def test_an_empty_stack_does_not_widen_the_saved_state(implementation, n):
+    """cols is as wide as the largest matrix there is (or 0: the CPU kernels' small matrices), as the fake
+    says, whatever the empty stacks' n."""
     stacks = [
-        make_logits(2, 3, 3).to(implementation.device),
-        torch.zeros(0, 7, 7, device=implementation.device),
+        make_logits(2, n, n).to(implementation.device),
+        torch.zeros(0, 12, 12, device=implementation.device),
     ]
     _, cols, _, _ = torch.ops.symkernels.sinkhorn(stacks, 2, 1.0, 0.0, "matrix", None, implementation.name)
-    assert cols.shape == (2, 2, 3)
+    assert cols.shape == (2, 2, cols_width(implementation, n))
     torch.library.opcheck(
         torch.ops.symkernels.sinkhorn.default, (stacks, 2, 1.0, 0.0, "matrix", None, implementation.name)
     )
+
+
+@pytest.mark.parametrize("sizes", [[8], [2, 8], [4, 9], [1]])
+def test_the_fake_gives_the_saved_states_shapes(implementation, sizes):
+    """torch.compile's view of the op (its fake kernel) gives the shapes of the real outputs, at the sizes
+    around the CPU kernels' rule (cols of width 0 for a call of matrices n <= 8), for backend="auto" too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    stacks = [make_logits(3, n, n, seed=n).to(implementation.device) for n in sizes]
+    for backend in (implementation.name, "auto"):
+        args = (stacks, 4, 1.0, 0.0, "matrix", None, backend)
+        real = torch.ops.symkernels.sinkhorn(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = torch.ops.symkernels.sinkhorn(*args)
+        assert [t.shape for t in fake[0]] == [t.shape for t in real[0]]
+        assert [t.shape for t in fake[1:]] == [t.shape for t in real[1:]], (backend, sizes)
+    assert real[1].shape[-1] in (0, max(sizes))
 
 
 def test_backward_state_is_order_t_times_n_per_matrix(implementation):
@@ -89,6 +114,15 @@ def test_backward_state_is_order_t_times_n_per_matrix(implementation):
     assert kept <= batch * n * n + batch * n_iter * n + 2 * batch
     reference = saved_numel(lambda: symkernels.sinkhorn(logits.cpu(), n_iter, backend="reference"))
     assert reference >= n_iter * batch * n * n  # what unrolled autograd keeps, for contrast
+
+
+def test_small_matrices_backward_state(implementation):
+    """[tokens, 4, 4]: the native CPU kernels keep the logits and two flags per matrix (their backward
+    recomputes the column scalings), every other implementation T·n column scalings more."""
+    batch, n, n_iter = 6, 4, 20
+    logits = make_logits(batch, n, n).to(implementation.device).requires_grad_()
+    kept = saved_numel(lambda: symkernels.sinkhorn(logits, n_iter, backend=implementation.name))
+    assert kept <= batch * n * n + batch * n_iter * cols_width(implementation, n) + 2 * batch
 
 
 def saved_numel(fn) -> int:
