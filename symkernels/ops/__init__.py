@@ -6,8 +6,8 @@
 
 The native library registers the ops' CPU, CUDA and Autograd kernels in C++
 (``csrc/<family>/<family>_op.cpp``, next to the native kernels); their Triton launchers are
-:mod:`.sinkhorn_triton` and :mod:`.expansion_triton` (imported on first use); the pure-PyTorch references are
-in :mod:`symkernels.reference`.
+:mod:`.sinkhorn_triton` and :mod:`.expansion_triton` (imported on first use); :mod:`.python_kernels` registers
+each family's Python implementation; the pure-PyTorch references are in :mod:`symkernels.reference`.
 """
 
 from symkernels.ops import expansion, sinkhorn

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from symkernels import _native, backends
+from symkernels import backends
 from symkernels._checks import check_expansion, check_kernel_dtype
+from symkernels.ops.python_kernels import register_python_kernels
 from symkernels.reference.expansion import expand_kernel_reference
 
 __all__ = ["expand_kernel", "prepend_identity"]
@@ -136,22 +137,7 @@ def _autograd(ctx, grad_kernel):
     return grad_reps, grad_weight, None, None, None, None, None
 
 
-def _register_python_kernels() -> None:
-    """Give the native kernels their Python implementation, or, without the native library, make it the op's
-    CPU and CUDA kernels and register the autograd formula here."""
-    library = _native.library()
-    if library is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "symkernels::expand_kernel", "CPU"
-    ):
-        library.set_python_kernel("expand_kernel", _python_forward)
-        library.set_python_kernel("expand_kernel_backward", _python_backward)
-        return
-    torch.library.impl("symkernels::expand_kernel", ("cpu", "cuda"))(_python_forward)
-    torch.library.impl("symkernels::expand_kernel_backward", ("cpu", "cuda"))(_python_backward)
-    torch.library.register_autograd("symkernels::expand_kernel", _autograd, setup_context=_setup_context)
-
-
-_register_python_kernels()
+register_python_kernels("expand_kernel", _python_forward, _python_backward, _autograd, _setup_context)
 
 
 def expand_kernel(

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from symkernels import _native, backends
+from symkernels import backends
 from symkernels._checks import (
     check_all_finite,
     check_positive_int,
@@ -49,6 +49,7 @@ from symkernels._checks import (
 from symkernels._checks import (
     check_finite as _check_finite,
 )
+from symkernels.ops.python_kernels import register_python_kernels
 from symkernels.reference.sinkhorn import STOP_RULES, sinkhorn_reference
 
 __all__ = ["BACKWARD_MODES", "fixed_point_vjp", "grouped_sinkhorn", "sinkhorn"]
@@ -202,20 +203,7 @@ def _autograd(ctx, grad_p, grad_cols, grad_domain, grad_iterations):
     return grads, None, None, None, None, None, None
 
 
-def _register_python_kernels() -> None:
-    """Give the native kernels their Python implementation, or, without the native library, make it the op's
-    CPU and CUDA kernels and register the autograd formula here."""
-    library = _native.library()
-    if library is not None and torch._C._dispatch_has_kernel_for_dispatch_key("symkernels::sinkhorn", "CPU"):
-        library.set_python_kernel("sinkhorn", _python_forward)
-        library.set_python_kernel("sinkhorn_backward", _python_backward)
-        return
-    torch.library.impl("symkernels::sinkhorn", ("cpu", "cuda"))(_python_forward)
-    torch.library.impl("symkernels::sinkhorn_backward", ("cpu", "cuda"))(_python_backward)
-    torch.library.register_autograd("symkernels::sinkhorn", _autograd, setup_context=_setup_context)
-
-
-_register_python_kernels()
+register_python_kernels("sinkhorn", _python_forward, _python_backward, _autograd, _setup_context)
 
 
 # ------------------------------------------------------------------------------------------------------------
